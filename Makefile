@@ -1,0 +1,42 @@
+# The README's commands. Each bootstraps .venv itself (idempotent) on a fresh clone.
+VENV := .venv
+PY := $(VENV)/bin/python
+# Runs a command on loopback only (a private network namespace when root on a multi-interface host).
+ON_LOOPBACK := $(PY) -m infra.local.netns
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow test-all lint demo stack-up stack-down stack-status bench clean
+
+install:
+	@bash scripts/bootstrap.sh
+
+test: install
+	$(ON_LOOPBACK) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(ON_LOOPBACK) $(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(ON_LOOPBACK) $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+stack-up: install
+	$(VENV)/bin/hybriddit stack up
+
+stack-down: install
+	$(VENV)/bin/hybriddit stack down
+
+stack-status: install
+	$(VENV)/bin/hybriddit stack status
+
+demo: install
+	$(VENV)/bin/hybriddit stack up
+	$(VENV)/bin/hybriddit exec -- $(PY) scripts/demo.py
+
+bench: install
+	$(ON_LOOPBACK) $(PY) benchmarks/attention_scaling.py
+
+clean:
+	rm -rf $(VENV) .stack .pytest_cache

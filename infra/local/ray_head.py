@@ -1,0 +1,146 @@
+"""A Ray head node on 127.0.0.1 (`ray start --head --block`), owned by PID file, ready for `ray job submit`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from infra.local.processes import read_pid, require_free_ports, start_detached, stop_pid
+from services.config import StrictModel
+
+
+class RaySettings(StrictModel):
+    """Ports and sizes of the local Ray head."""
+
+    gcs_port: int = 6379
+    dashboard_port: int = 8265
+    client_port: int = 10001
+    metrics_export_port: int = 8080
+    dashboard_agent_port: int = 52365
+    num_cpus: int | None = None
+    # Ray's default takes 30% of RAM in /dev/shm; the local stack shares a small machine with its jobs.
+    object_store_memory_bytes: int = 1 << 30
+
+
+class RayHead:
+    """The head process of the local cluster; its children (GCS, raylet, dashboard) share its session."""
+
+    def __init__(self, state_dir: Path, settings: RaySettings, *, workdir: Path):
+        self.state_dir = state_dir
+        self.settings = settings
+        self.workdir = workdir
+        self.pid_file = state_dir / "ray.pid"
+        self.log_file = state_dir / "logs" / "ray-head.log"
+        self.token_file = state_dir / "auth_token"
+
+    @property
+    def temp_dir(self) -> Path:
+        return Path("/tmp") / f"hybriddit-ray-{hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:10]}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.settings.gcs_port}"
+
+    def auth_env(self) -> dict[str, str]:
+        """Token auth for the head and every client: the cluster runs code for whoever reaches it."""
+        if not self.token_file.exists():
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
+
+    def pid(self) -> int | None:
+        return read_pid(self.pid_file)
+
+    def start(self, env: dict[str, str], *, timeout: float = 120.0) -> None:
+        if self.pid() is not None:
+            return
+        ray_bin = Path(sys.executable).with_name("ray")
+        if not ray_bin.exists():
+            found = shutil.which("ray")
+            if found is None:
+                raise FileNotFoundError(
+                    "the `ray` command is not installed in this environment: run `make install`"
+                )
+            ray_bin = Path(found)
+        s = self.settings
+        require_free_ports(
+            "the Ray head",
+            {
+                "GCS": s.gcs_port,
+                "dashboard": s.dashboard_port,
+                "client": s.client_port,
+                "metrics export": s.metrics_export_port,
+                "dashboard agent": s.dashboard_agent_port,
+            },
+        )
+        cmd = [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--port={s.gcs_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={s.dashboard_port}",
+            f"--ray-client-server-port={s.client_port}",
+            f"--metrics-export-port={s.metrics_export_port}",
+            f"--dashboard-agent-listen-port={s.dashboard_agent_port}",
+            f"--object-store-memory={s.object_store_memory_bytes}",
+            # Unix socket paths must stay under ~107 bytes, so the session lives in a short /tmp path.
+            f"--temp-dir={self.temp_dir}",
+        ]
+        if s.num_cpus is not None:
+            cmd.append(f"--num-cpus={s.num_cpus}")
+        # Jobs run with this process's environment and working directory: the project root, so that
+        # `ray job submit -- python pipelines/encode_latents.py` finds its files.
+        # `python` in a job's entrypoint is the first one on the head's PATH: make it this environment's.
+        venv_bin = str(Path(sys.executable).parent)
+        path = os.pathsep.join([venv_bin, env.get("PATH", os.defpath)])
+        start_detached(
+            cmd,
+            pid_file=self.pid_file,
+            log_file=self.log_file,
+            env={**env, **self.auth_env(), "PATH": path},
+            cwd=self.workdir,
+        )
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pid() is None:
+                raise RuntimeError(f"the Ray head exited while starting; see {self.log_file}")
+            if self.dashboard_ready():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"the Ray head did not become ready in {timeout:.0f} s; see {self.log_file}")
+
+    def dashboard_ready(self) -> bool:
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/version",
+            headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200 and "ray_version" in json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def stop(self, *, timeout: float = 60.0) -> bool:
+        return stop_pid(self.pid_file, timeout=timeout)

@@ -1,0 +1,112 @@
+"""The embedded local stack: a SeaweedFS S3 gateway and a Ray head on 127.0.0.1, state under `.stack/`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from infra.local.credentials import S3Credentials
+from infra.local.netns import only_loopback
+from infra.local.ray_head import RayHead, RaySettings
+from infra.local.seaweedfs import SeaweedInternalPorts, SeaweedS3
+from services.config import StrictModel
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STATE_DIR_ENV = "HYBRIDDIT_STACK_DIR"
+
+
+class StackSettings(StrictModel):
+    """Where the local stack keeps its state and which ports it uses."""
+
+    state_dir: Path = Field(default_factory=lambda: Path(os.environ.get(STATE_DIR_ENV, REPO_ROOT / ".stack")))
+    bucket: str = "hybriddit"
+    s3_port: int = 8333
+    s3_internal_ports: SeaweedInternalPorts = Field(default_factory=SeaweedInternalPorts)
+    ray: RaySettings = Field(default_factory=RaySettings)
+
+
+class LocalStack:
+    """Start, find and stop the S3 server and the Ray head; each is idempotent."""
+
+    def __init__(self, settings: StackSettings):
+        self.settings = settings
+        state = settings.state_dir
+        self.credentials_file = state / "credentials"
+        self.env_file = state / "env"
+        self.s3 = SeaweedS3(
+            state / "seaweedfs",
+            port=settings.s3_port,
+            credentials=self._credentials,
+            internal_ports=settings.s3_internal_ports,
+        )
+        self.ray = RayHead(state / "ray", settings.ray, workdir=REPO_ROOT)
+
+    @classmethod
+    def from_env(cls) -> LocalStack:
+        return cls(StackSettings())
+
+    @property
+    def _credentials(self) -> S3Credentials:
+        return S3Credentials.load_or_create(self.credentials_file)
+
+    def up(self) -> dict:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.settings.state_dir / ".gitignore").write_text("*\n")
+        if not self.s3.is_running():
+            self.s3.start()
+        self.s3.ensure_bucket(self.settings.bucket)
+        env_file_lines = [f"export {key}={value}" for key, value in self.client_env().items()]
+        self.env_file.write_text("\n".join(env_file_lines) + "\n")
+        self.env_file.chmod(0o600)
+        # Jobs inherit the head's environment: that is how they find the S3 endpoint and keys.
+        self.ray.start({**os.environ, **self.job_env()})
+        return self.status()
+
+    def down(self) -> dict:
+        stopped = {"ray": self.ray.stop(), "s3": self.s3.stop()}
+        return {"stopped": stopped, **self.status()}
+
+    def job_env(self) -> dict[str, str]:
+        """What every job on this stack needs: storage endpoint and keys, loopback-only collectives."""
+        env = {
+            **self.client_env(),
+            "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1",
+            "TORCHINDUCTOR_CACHE_DIR": str(self.settings.state_dir / "inductor-cache"),
+        }
+        env.pop("RAY_ADDRESS")
+        return env
+
+    def client_env(self, *, missing_ok: bool = False) -> dict[str, str]:
+        """Environment that points clients (jobs, `ray job submit`, s3fs, boto3) at this stack."""
+        if missing_ok and not self.credentials_file.exists():
+            return {}
+        env = {
+            "AWS_ENDPOINT_URL": self.s3.endpoint_url,
+            **self._credentials.as_env(),
+            "AWS_REGION": "us-east-1",
+            "HYBRIDDIT_BUCKET": self.settings.bucket,
+            "RAY_ADDRESS": self.ray.gcs_address,
+            "RAY_API_SERVER_ADDRESS": self.ray.dashboard_url,
+            **self.ray.auth_env(),
+        }
+        if only_loopback():
+            env["GLOO_SOCKET_IFNAME"] = "lo"
+        return env
+
+    def status(self) -> dict:
+        return {
+            "state_dir": str(self.settings.state_dir),
+            "s3": {
+                "running": self.s3.is_running(),
+                "endpoint": self.s3.endpoint_url,
+                "bucket": self.settings.bucket,
+            },
+            "ray": {
+                "running": self.ray.pid() is not None,
+                "address": self.ray.gcs_address,
+                "dashboard": self.ray.dashboard_url,
+            },
+            "env_file": str(self.env_file),
+        }

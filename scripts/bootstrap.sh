@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with its dev extras. Idempotent: a second run installs
+# nothing when pyproject.toml has not changed since the last successful install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+TORCH_SPEC=${HYBRIDDIT_TORCH_SPEC:-torch==2.13.0}
+stamp=.venv/.installed
+want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)-$TORCH_SPEC
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch first, alone: any resolver that sees an unpinned torch pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "$TORCH_SPEC"
+installed_torch=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==$installed_torch" >"$constraints"
+PIP_CONSTRAINT="$constraints" .venv/bin/python -m pip install -q -e ".[dev]"
+echo "$want" >"$stamp"
+echo "bootstrap: .venv ready (torch $installed_torch)"

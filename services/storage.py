@@ -1,0 +1,517 @@
+"""Object storage behind one small API: s3://, file:// (and bare paths), hf:// and http(s):// via fsspec.
+
+S3 endpoint and keys come from `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_REGION` or from a `StorageConfig`. Transient failures (connection errors, timeouts, 5xx,
+throttling) are retried with exponential backoff here, in one place; client errors (missing
+bucket, wrong keys) fail at once as a `StorageError` naming the URI and the fix.
+
+Processes that use s3fs must not fork workers that use it too (its event loop is per process):
+filesystem instances are cached per process id, and DataLoaders should use the "spawn" context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import fsspec
+from fsspec.core import split_protocol
+from pydantic import Field, SecretStr
+
+from services.config import StrictModel
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+COMPLETE_MARKER = "_COMPLETE.json"
+COMPLETE_FORMAT = "hybriddit.complete/1"
+# Objects above twice this size are uploaded in parts of this size (S3's minimum part is 5 MiB).
+MULTIPART_CHUNK_BYTES = 8 * 2**20
+LOCAL_PROTOCOLS = ("file", "local")
+THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+TRANSIENT_CODES = THROTTLING_CODES | {"RequestTimeout", "InternalError", "ServiceUnavailable", "OperationAborted"}
+
+
+class StorageConfig(StrictModel):
+    """Where S3 lives and how hard to retry; unset fields fall back to the AWS_* environment."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    anon: bool = False
+    retries: int = Field(default=4, ge=0, description="extra attempts after a transient failure")
+    backoff_seconds: float = Field(default=0.5, gt=0, description="first wait; doubles per retry")
+    max_backoff_seconds: float = Field(default=8.0, gt=0)
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    read_timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class StorageError(RuntimeError):
+    """A storage operation that failed; the message names the URI and what to do."""
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """The object or directory does not exist."""
+
+
+class IncompleteDirectoryError(StorageError):
+    """A published directory without its completion marker: still uploading, or the upload failed."""
+
+
+# --------------------------------------------------------------------------- filesystems
+
+_filesystems: dict[tuple, fsspec.AbstractFileSystem] = {}
+_filesystems_lock = threading.Lock()
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """`s3://b/k` -> ("s3", "b/k"); bare and file:// paths -> ("file", absolute path); URLs stay whole."""
+    protocol, path = split_protocol(str(uri))
+    if protocol is None or protocol in LOCAL_PROTOCOLS:
+        return "file", os.path.abspath(os.path.expanduser(path))
+    if protocol in ("http", "https"):
+        return protocol, str(uri)
+    return protocol, path.rstrip("/") if protocol == "s3" else path
+
+
+def _resolve(config: StorageConfig | None) -> StorageConfig:
+    return config if config is not None else StorageConfig()
+
+
+def _s3_settings(config: StorageConfig) -> dict[str, Any]:
+    secret = config.secret_access_key.get_secret_value() if config.secret_access_key else None
+    return {
+        "endpoint_url": config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
+        "region": config.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        "key": config.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID"),
+        "secret": secret or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+    }
+
+
+def _new_s3_filesystem(settings: dict[str, Any], config: StorageConfig) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    client_kwargs = {"region_name": settings["region"]} if settings["region"] else {}
+    fs = s3fs.S3FileSystem(
+        endpoint_url=settings["endpoint_url"],
+        key=None if config.anon else settings["key"],
+        secret=None if config.anon else settings["secret"],
+        anon=config.anon,
+        client_kwargs=client_kwargs,
+        # Retries live in `retry_transient` only (botocore's and s3fs's are off), so time stays bounded.
+        config_kwargs={
+            "retries": {"max_attempts": 1, "mode": "standard"},
+            "connect_timeout": config.connect_timeout_seconds,
+            "read_timeout": config.read_timeout_seconds,
+        },
+        default_block_size=MULTIPART_CHUNK_BYTES,
+        # Another process may publish at any time: a cached listing would hide its objects.
+        use_listings_cache=False,
+        skip_instance_cache=True,
+    )
+    fs.retries = 1  # a class attribute in s3fs, not a constructor argument
+    return fs
+
+
+def filesystem(uri: str, config: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving `uri` (one per protocol, endpoint and keys per process) and its path."""
+    config = _resolve(config)
+    protocol, path = split_uri(uri)
+    if protocol == "s3":
+        settings = _s3_settings(config)
+        secret_digest = hashlib.sha256((settings["secret"] or "").encode()).hexdigest()
+        key = (os.getpid(), protocol, settings["endpoint_url"], settings["region"], settings["key"],
+               secret_digest, config.anon, config.connect_timeout_seconds, config.read_timeout_seconds)
+    else:
+        key = (os.getpid(), protocol)
+    with _filesystems_lock:
+        fs = _filesystems.get(key)
+        if fs is None:
+            if protocol == "s3":
+                fs = _new_s3_filesystem(settings, config)
+            else:
+                fs = fsspec.filesystem(protocol, skip_instance_cache=True)
+            _filesystems[key] = fs
+    return fs, path
+
+
+def endpoint_of(uri: str, config: StorageConfig | None = None) -> str:
+    """The server an URI talks to, for messages: the S3 endpoint, or the protocol."""
+    protocol, _ = split_uri(uri)
+    if protocol != "s3":
+        return protocol
+    return _s3_settings(_resolve(config))["endpoint_url"] or "the default AWS endpoint"
+
+
+def _uri_like(reference: str, protocol: str, path: str) -> str:
+    """Write `path` back as a URI in the same style as `reference` (bare, file://, s3://, ...)."""
+    if protocol == "file":
+        return f"file://{path}" if str(reference).startswith(("file://", "local://")) else path
+    if protocol in ("http", "https"):
+        return path
+    return f"{protocol}://{path}"
+
+
+def join(uri: str, *parts: str) -> str:
+    """`join("s3://b/run", "ckpt", "model.safetensors")` -> "s3://b/run/ckpt/model.safetensors"."""
+    cleaned = [str(part).strip("/") for part in parts if str(part).strip("/")]
+    if split_protocol(str(uri))[0] is None:
+        return str(Path(uri, *cleaned))
+    return "/".join([str(uri).rstrip("/"), *cleaned])
+
+
+# --------------------------------------------------------------------------- errors and retries
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _s3_error(exc: BaseException) -> tuple[str | None, int | None]:
+    """The S3 error code and HTTP status of the response behind `exc`, if the server answered."""
+    from aiohttp import ClientResponseError
+
+    for item in _exception_chain(exc):
+        response = getattr(item, "response", None)  # botocore's ClientError, which s3fs wraps
+        if isinstance(response, dict) and "Error" in response:
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return response["Error"].get("Code"), status
+        if isinstance(item, ClientResponseError):  # http(s):// and hf:// answers
+            return None, item.status
+    return None, None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying may help: connection errors, timeouts, 5xx and throttling; never 4xx."""
+    import aiohttp
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+    from fsspec.exceptions import FSTimeoutError
+
+    code, status = _s3_error(exc)
+    if code is not None or status is not None:
+        return code in TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429))
+    transient_types: tuple[type[BaseException], ...] = (
+        BotoConnectionError, HTTPClientError, FSTimeoutError, ConnectionError, TimeoutError, asyncio.TimeoutError,
+    )
+    transient_types += (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+    return any(isinstance(item, transient_types) for item in _exception_chain(exc))
+
+
+def as_storage_error(exc: BaseException, uri: str, action: str, config: StorageConfig | None = None) -> StorageError:
+    """Translate a failure into a StorageError that names the URI, the server and the fix (no secrets)."""
+    if isinstance(exc, StorageError):
+        return exc
+    code, status = _s3_error(exc)
+    endpoint = endpoint_of(uri, config)
+    protocol, path = split_uri(uri)
+    bucket = path.split("/", 1)[0] if protocol == "s3" else ""
+    if code == "NoSuchBucket" or (protocol == "s3" and "bucket does not exist" in str(exc)):
+        return StorageError(
+            f"cannot {action} {uri}: bucket '{bucket}' does not exist at {endpoint}: create it first, e.g. "
+            f"`aws --endpoint-url {endpoint} s3 mb s3://{bucket}` (the local stack: SeaweedS3.ensure_bucket)"
+        )
+    if code == "InvalidAccessKeyId":
+        return StorageError(
+            f"cannot {action} {uri}: the S3 server at {endpoint} rejected the access key (unknown key id): "
+            "check AWS_ACCESS_KEY_ID (or StorageConfig.access_key_id)"
+        )
+    if code == "SignatureDoesNotMatch":
+        return StorageError(
+            f"cannot {action} {uri}: the S3 server at {endpoint} rejected the request signature: "
+            "AWS_SECRET_ACCESS_KEY does not match AWS_ACCESS_KEY_ID"
+        )
+    if code == "AccessDenied" or status == 403 or isinstance(exc, PermissionError):
+        return StorageError(
+            f"cannot {action} {uri}: access denied by {endpoint}: check AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, and that this key may access the bucket"
+        )
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return StorageError(
+            f"cannot {action} {uri}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(for the local stack, run the command under `hybriddit exec --`)"
+        )
+    if code in ("NoSuchKey", "404", "NotFound") or status == 404 or isinstance(exc, FileNotFoundError):
+        return StorageNotFoundError(f"cannot {action} {uri}: it does not exist")
+    return StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
+
+
+def retry_transient(call: Callable[[], T], uri: str, action: str, config: StorageConfig | None = None) -> T:
+    """Run `call`, retrying transient failures with exponential backoff; anything else fails at once."""
+    config = _resolve(config)
+    started = time.monotonic()
+    attempts = 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            attempts += 1
+            if not is_transient(exc):
+                raise as_storage_error(exc, uri, action, config) from exc
+            if attempts > config.retries:
+                elapsed = time.monotonic() - started
+                raise StorageError(
+                    f"cannot {action} {uri}: still failing after {attempts} attempt{'s' * (attempts > 1)} over {elapsed:.1f} s "
+                    f"({type(exc).__name__}: {exc}); is the server at {endpoint_of(uri, config)} running "
+                    "and reachable? (the local stack: `hybriddit stack up`)"
+                ) from exc
+            delay = min(config.backoff_seconds * 2 ** (attempts - 1), config.max_backoff_seconds)
+            logger.warning("retrying %s %s in %.2f s after %s (attempt %d of %d)",
+                           action, uri, delay, type(exc).__name__, attempts, config.retries + 1)
+            time.sleep(delay)
+
+
+# --------------------------------------------------------------------------- single objects
+
+
+@contextlib.contextmanager
+def _local_staging_file(path: str) -> Iterator[IO[bytes]]:
+    """A temp file next to `path` that replaces it only if the block succeeds (os.replace is atomic)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    descriptor, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".partial")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+@contextlib.contextmanager
+def open_uri(uri: str, mode: str = "rb", config: StorageConfig | None = None) -> Iterator[IO[bytes]]:
+    """Open an object; in "wb" mode it appears whole when the block ends and not at all if it raises."""
+    if mode not in ("rb", "wb"):
+        raise ValueError(f"open_uri({uri!r}): mode must be 'rb' or 'wb', not {mode!r}")
+    fs, path = filesystem(uri, config)
+    if mode == "rb":
+        handle = retry_transient(lambda: fs.open(path, "rb"), uri, "open", config)
+        with handle:
+            yield handle
+        return
+    protocol, _ = split_uri(uri)
+    if protocol == "file":
+        with _local_staging_file(path) as handle:
+            yield handle
+        return
+    with tempfile.NamedTemporaryFile(prefix="hybriddit-upload-", suffix=".partial") as staging:
+        yield staging
+        staging.flush()
+        upload_file(staging.name, uri, config)
+
+
+def read_bytes(uri: str, config: StorageConfig | None = None) -> bytes:
+    fs, path = filesystem(uri, config)
+    return retry_transient(lambda: fs.cat_file(path), uri, "read", config)
+
+
+def write_bytes(uri: str, data: bytes, config: StorageConfig | None = None) -> None:
+    """Write one object atomically: a single PUT or a completed multipart upload; locally temp + rename."""
+    fs, path = filesystem(uri, config)
+    protocol, _ = split_uri(uri)
+    if protocol == "file":
+        with _local_staging_file(path) as handle:
+            handle.write(data)
+        return
+    extra = {"chunksize": MULTIPART_CHUNK_BYTES} if protocol == "s3" else {}
+    retry_transient(lambda: fs.pipe_file(path, data, **extra), uri, "write", config)
+
+
+def read_json(uri: str, config: StorageConfig | None = None) -> Any:
+    raw = read_bytes(uri, config)
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise StorageError(f"{uri} is not valid JSON: {exc}") from None
+
+
+def write_json(uri: str, obj: Any, config: StorageConfig | None = None) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2).encode(), config)
+
+
+def exists(uri: str, config: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, config)
+    return retry_transient(lambda: fs.exists(path), uri, "check", config)
+
+
+def _find_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Every file below `path`; s3fs's find also returns an empty directory itself (SeaweedFS keeps those)."""
+    return [name for name, info in fs.find(path, detail=True).items() if info["type"] != "directory"]
+
+
+def list_uris(prefix_uri: str, recursive: bool = False, config: StorageConfig | None = None) -> list[str]:
+    """Sorted full URIs under a prefix: its direct children, or every object below it if recursive."""
+    fs, path = filesystem(prefix_uri, config)
+    protocol, _ = split_uri(prefix_uri)
+    lister = (lambda: _find_files(fs, path)) if recursive else (lambda: fs.ls(path, detail=False))
+    try:
+        paths = retry_transient(lister, prefix_uri, "list", config)
+    except StorageNotFoundError:
+        return []  # an empty prefix, as S3 sees it
+    return sorted(_uri_like(prefix_uri, protocol, item.rstrip("/")) for item in paths)
+
+
+def delete(uri: str, recursive: bool = False, config: StorageConfig | None = None) -> None:
+    """Remove an object (or everything under a prefix if recursive); a missing one is not an error."""
+    fs, path = filesystem(uri, config)
+    try:
+        retry_transient(lambda: fs.rm(path, recursive=recursive), uri, "delete", config)
+    except StorageNotFoundError:
+        pass
+
+
+def upload_file(local: str | Path, uri: str, config: StorageConfig | None = None) -> None:
+    """Copy a local file to `uri`; the target appears whole or not at all."""
+    fs, path = filesystem(uri, config)
+    protocol, _ = split_uri(uri)
+    if protocol == "file":
+        with _local_staging_file(path) as handle, open(local, "rb") as source:
+            shutil.copyfileobj(source, handle, MULTIPART_CHUNK_BYTES)
+        return
+    extra = {"chunksize": MULTIPART_CHUNK_BYTES} if protocol == "s3" else {}
+    retry_transient(lambda: fs.put_file(str(local), path, **extra), uri, "upload to", config)
+
+
+def download_file(uri: str, local: str | Path, config: StorageConfig | None = None) -> None:
+    """Copy an object to a local file; the local file appears whole or not at all."""
+    fs, path = filesystem(uri, config)
+    local = os.path.abspath(local)
+
+    def fetch() -> None:
+        with _local_staging_file(local) as handle, fs.open(path, "rb") as source:
+            shutil.copyfileobj(source, handle, MULTIPART_CHUNK_BYTES)
+
+    retry_transient(fetch, uri, "download", config)
+
+
+# --------------------------------------------------------------------------- directories
+
+
+def _relative_files(local_dir: Path) -> list[str]:
+    return sorted(item.relative_to(local_dir).as_posix() for item in local_dir.rglob("*") if item.is_file())
+
+
+def upload_dir(local_dir: str | Path, uri: str, config: StorageConfig | None = None) -> list[str]:
+    """Upload every file below `local_dir` to the same relative keys under `uri`; returns their URIs."""
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise StorageError(f"cannot upload {local_dir} to {uri}: {local_dir} is not a directory")
+    uploaded = []
+    for relative in _relative_files(local_dir):
+        target = join(uri, relative)
+        upload_file(local_dir / relative, target, config)
+        uploaded.append(target)
+    return uploaded
+
+
+def download_dir(uri: str, local_dir: str | Path, config: StorageConfig | None = None) -> list[Path]:
+    """Download every object below `uri` into `local_dir`, keeping relative paths; returns the files."""
+    fs, root = filesystem(uri, config)
+    protocol, _ = split_uri(uri)
+    paths = retry_transient(lambda: _find_files(fs, root), uri, "list", config)
+    if not paths:
+        raise StorageNotFoundError(f"cannot download {uri}: there is nothing under it")
+    written = []
+    for path in sorted(paths):
+        relative = path[len(root):].lstrip("/")
+        target = Path(local_dir, relative)
+        download_file(_uri_like(uri, protocol, path), target, config)
+        written.append(target)
+    return written
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish_dir(local_dir: str | Path, uri: str, config: StorageConfig | None = None) -> dict[str, Any]:
+    """Upload a directory, then its `_COMPLETE.json` (files, sizes, sha256) last: readers see all or nothing."""
+    local_dir = Path(local_dir)
+    marker_uri = join(uri, COMPLETE_MARKER)
+    # Re-publishing overwrites files in place: hide the old marker first so no reader mixes versions.
+    delete(marker_uri, config=config)
+    relative_files = [name for name in _relative_files(local_dir) if name != COMPLETE_MARKER]
+    files = [
+        {"path": name, "size": (local_dir / name).stat().st_size, "sha256": _sha256_of(local_dir / name)}
+        for name in relative_files
+    ]
+    for name in relative_files:
+        upload_file(local_dir / name, join(uri, name), config)
+    marker = {"format": COMPLETE_FORMAT, "files": files, "published_at": time.time()}
+    write_json(marker_uri, marker, config)
+    return marker
+
+
+def is_complete(uri: str, config: StorageConfig | None = None) -> bool:
+    """Whether a published directory's completion marker exists."""
+    return exists(join(uri, COMPLETE_MARKER), config)
+
+
+def read_complete_marker(uri: str, config: StorageConfig | None = None) -> dict[str, Any]:
+    """The completion marker of a published directory; refuses a directory that has none."""
+    try:
+        marker = read_json(join(uri, COMPLETE_MARKER), config)
+    except StorageNotFoundError:
+        raise IncompleteDirectoryError(
+            f"{uri} has no {COMPLETE_MARKER}: it is still being uploaded or its upload failed; "
+            "wait for the writer, or publish it again"
+        ) from None
+    if not isinstance(marker, dict) or marker.get("format") != COMPLETE_FORMAT:
+        raise StorageError(f"{join(uri, COMPLETE_MARKER)} is not a {COMPLETE_FORMAT} marker")
+    return marker
+
+
+def download_published_dir(uri: str, local_dir: str | Path, config: StorageConfig | None = None) -> dict[str, Any]:
+    """Download the files a completion marker lists and check their sizes and sha256; returns the marker."""
+    marker = read_complete_marker(uri, config)
+    for entry in marker["files"]:
+        target = Path(local_dir, entry["path"])
+        download_file(join(uri, entry["path"]), target, config)
+        size, digest = target.stat().st_size, _sha256_of(target)
+        if size != entry["size"] or digest != entry["sha256"]:
+            raise StorageError(
+                f"{join(uri, entry['path'])} does not match {COMPLETE_MARKER} (size {size}, expected "
+                f"{entry['size']}): it was overwritten after publishing; publish the directory again"
+            )
+    return marker
+
+
+# --------------------------------------------------------------------------- webdataset
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
+    """webdataset opener: s3fs file objects (a written shard appears when the writer closes it)."""
+    fs, path = filesystem(url)
+    return retry_transient(lambda: fs.open(path, mode), url, "open", None)
+
+
+def register_webdataset_s3() -> None:
+    """Let `wds.WebDataset("s3://...")` and `wds.ShardWriter("s3://...")` go through this module."""
+    import webdataset
+
+    webdataset.gopen_schemes["s3"] = _gopen_s3
