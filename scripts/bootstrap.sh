@@ -11,13 +11,15 @@ want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)-$TOR
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+# Some machines' pip configs list local indexes that lack most packages; pip warns once per package.
+quiet_pip() { .venv/bin/python -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch first, alone: any resolver that sees an unpinned torch pulls a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "$TORCH_SPEC"
+quiet_pip install -q "$TORCH_SPEC"
 installed_torch=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$installed_torch" >"$constraints"
-PIP_CONSTRAINT="$constraints" .venv/bin/python -m pip install -q -e ".[dev]"
+PIP_CONSTRAINT="$constraints" quiet_pip install -q -e ".[dev]"
 echo "$want" >"$stamp"
 echo "bootstrap: .venv ready (torch $installed_torch)"
