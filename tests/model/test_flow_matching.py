@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from trainer.flow_matching import (
+    TimestepSampling,
+    apply_cfg_dropout,
+    flow_matching_loss,
+    sample_timesteps,
+    shift_timesteps,
+)
+
+
+def exact_velocity_for_zero_data(x_t, t, text, mask):
+    """With x0 = 0, x_t = t·ε, so the true velocity ε - x0 is x_t / t."""
+    return x_t / t.view(-1, 1, 1, 1)
+
+
+def test_loss_is_zero_for_the_exact_velocity_eps_minus_x0():
+    x0 = torch.zeros(4, 2, 3, 3)
+    loss, per_sample, t = flow_matching_loss(exact_velocity_for_zero_data, x0, torch.zeros(4, 1, 5),
+                                             torch.ones(4, 1, dtype=torch.bool),
+                                             generator=torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-10 and per_sample.shape == (4,) and t.shape == (4,)
+
+
+def test_predicting_zero_costs_the_mean_squared_velocity():
+    x0 = torch.ones(3, 1, 2, 2)
+    generator = torch.Generator().manual_seed(1)
+    _, per_sample, t = flow_matching_loss(lambda x, t, *_: torch.zeros_like(x), x0, torch.zeros(3, 1, 4),
+                                          torch.ones(3, 1, dtype=torch.bool), generator=generator)
+    replay = torch.Generator().manual_seed(1)
+    sample_timesteps(3, TimestepSampling(), generator=replay)
+    noise = torch.randn(x0.shape, generator=replay)
+    torch.testing.assert_close(per_sample, (noise - x0).pow(2).flatten(1).mean(1))
+
+
+def test_per_sample_weights_give_the_weighted_mean():
+    x0 = torch.randn(3, 1, 2, 2)
+    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
+    weights = torch.tensor([1.0, 0.0, 3.0])
+    loss, per_sample, _ = flow_matching_loss(lambda x, *_: torch.zeros_like(x), x0, text, mask, weights=weights,
+                                             generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, (per_sample[0] + 3 * per_sample[2]) / 4)
+
+
+def test_logit_normal_timesteps_lie_in_open_unit_interval_centred_at_half():
+    t = sample_timesteps(20000, TimestepSampling(), generator=torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - 0.5) < 0.02
+
+
+def test_shift_above_one_moves_timesteps_towards_noise():
+    t = sample_timesteps(4096, TimestepSampling(distribution="uniform", shift=3.0),
+                         generator=torch.Generator().manual_seed(0))
+    assert t.mean() > 0.6
+    assert shift_timesteps(torch.tensor([0.0, 1.0]), 3.0).tolist() == [0.0, 1.0]
+
+
+def test_cfg_dropout_with_p_one_replaces_every_caption_by_the_null_text():
+    text, mask = torch.randn(3, 4, 2), torch.ones(3, 4, dtype=torch.bool)
+    null_text = torch.full((2, 2), 7.0)
+    dropped, dropped_mask = apply_cfg_dropout(text, mask, null_text, None, 1.0)
+    assert torch.equal(dropped[:, :2], null_text.expand(3, 2, 2))
+    assert dropped_mask.tolist() == [[True, True, False, False]] * 3
+
+
+def test_cfg_dropout_drops_about_p_of_captions():
+    text, mask = torch.ones(10000, 2, 1), torch.ones(10000, 2, dtype=torch.bool)
+    dropped, _ = apply_cfg_dropout(text, mask, torch.zeros(1, 1), None, 0.1, torch.Generator().manual_seed(0))
+    assert abs((dropped[:, 0, 0] == 0).float().mean().item() - 0.1) < 0.01
+
+
+def test_cfg_dropout_without_null_text_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="null_text"):
+        flow_matching_loss(lambda x, *_: x, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2),
+                           torch.ones(1, 1, dtype=torch.bool), cfg_dropout=0.1)

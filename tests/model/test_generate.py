@@ -1,0 +1,55 @@
+import json
+
+import pytest
+from model_helpers import randomize_weights
+from PIL import Image
+
+from trainer.export import save_exported_model
+from trainer.generate import main
+from trainer.models import build_model, resolve_config
+
+TEXT_ENCODER = {"name": "minilm", "tiny": True}
+
+
+def tiny_checkpoint(directory, codec: str):
+    """A HybridDiT-tiny export on 32-channel latents with the tiny MiniLM text encoder."""
+    config = resolve_config("HybridDiT-tiny").model_copy(update={"latent_channels": 32})
+    model = randomize_weights(build_model(config), std=0.02)
+    return save_exported_model(directory, model, codec={"name": codec, "tiny": False}, text_encoder=TEXT_ENCODER)
+
+
+def test_generate_writes_one_png_per_prompt_and_a_grid_with_taef2(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", "taef2")
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red fox in snow\n\na lighthouse at dusk\n")
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(checkpoint), "--prompt", "a cat", "--prompts-file", str(prompts_file),
+                 "--steps", "2", "--sampler", "euler", "--cfg", "2.0", "--size", "96x64", "--out", str(out)])
+    assert code == 0
+    pngs = sorted(p.name for p in out.glob("0*.png"))
+    assert pngs == ["0000_a-cat.png", "0001_a-red-fox-in-snow.png", "0002_a-lighthouse-at-dusk.png"]
+    assert Image.open(out / pngs[0]).size == (96, 64)
+    assert Image.open(out / "grid.png").size == (2 * 96, 2 * 64)
+    assert json.loads((out / "generation.json").read_text())["prompts"][0] == "a cat"
+
+
+def test_generate_is_deterministic_for_a_seed(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", "taef2")
+    for run in ("a", "b"):
+        main(["--checkpoint", str(checkpoint), "--prompt", "a cat", "--steps", "1", "--seed", "3",
+              "--out", str(tmp_path / run)])
+    assert (tmp_path / "a" / "0000_a-cat.png").read_bytes() == (tmp_path / "b" / "0000_a-cat.png").read_bytes()
+
+
+def test_generate_with_an_encoder_only_codec_fails_naming_the_codec(tmp_path, capsys):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", "taesana-encoder")
+    code = main(["--checkpoint", str(checkpoint), "--prompt", "a cat", "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'taesana-encoder'" in err and "no decoder" in err
+
+
+def test_size_not_divisible_by_the_codec_downscale_is_rejected(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", "taef2")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        main(["--checkpoint", str(checkpoint), "--prompt", "x", "--size", "100", "--out", str(tmp_path / "o")])

@@ -1,0 +1,84 @@
+"""Rectified-flow training objective: sample t, mix `x_t=(1-t)·x0+t·ε`, regress the velocity `ε-x0`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from services.config import StrictModel
+
+
+class TimestepSampling(StrictModel):
+    """How training draws t in (0, 1); t=1 is pure noise."""
+
+    distribution: Literal["logit_normal", "uniform"] = "logit_normal"
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+    shift: float = Field(1.0, gt=0, description="SD3 shift: >1 spends more steps near noise")
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Resolution shift `s·t / (1 + (s-1)·t)`: identity at s=1, maps 0->0 and 1->1."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_timesteps(batch: int, sampling: TimestepSampling, device=None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) training timesteps from the logit-normal or uniform distribution, then shifted."""
+    if sampling.distribution == "logit_normal":
+        normal = torch.randn(batch, device=device, generator=generator)
+        t = torch.sigmoid(sampling.mean + sampling.std * normal)
+    else:
+        t = torch.rand(batch, device=device, generator=generator)
+    return shift_timesteps(t, sampling.shift)
+
+
+def apply_cfg_dropout(text: torch.Tensor, mask: torch.Tensor, null_text: torch.Tensor,
+                      null_mask: torch.Tensor | None, p: float,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each caption by the null text with probability p (so the model also learns v(x, t, ∅) for CFG).
+
+    text (B, L, D) and mask (B, L); null_text (L0, D) with null_mask (L0,) or None (all real).
+    """
+    if p <= 0:
+        return text, mask
+    null_len = null_text.shape[0]
+    if null_len > text.shape[1]:  # pad the batch so the null text fits
+        text = torch.nn.functional.pad(text, (0, 0, 0, null_len - text.shape[1]))
+        mask = torch.nn.functional.pad(mask, (0, null_len - mask.shape[1]))
+    null_row = text.new_zeros(text.shape[1:])
+    null_row[:null_len] = null_text.to(text.dtype)
+    null_row_mask = mask.new_zeros(mask.shape[1:])
+    null_row_mask[:null_len] = True if null_mask is None else null_mask
+    drop = torch.rand(text.shape[0], device=text.device, generator=generator) < p
+    text = torch.where(drop[:, None, None], null_row, text)
+    mask = torch.where(drop[:, None], null_row_mask, mask)
+    return text, mask
+
+
+def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
+                       sampling: TimestepSampling | None = None, null_text: torch.Tensor | None = None,
+                       null_mask: torch.Tensor | None = None, cfg_dropout: float = 0.0,
+                       weights: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MSE between `model(x_t, t, text, mask)` and `ε - x0` -> (loss, per-sample loss (B,), t (B,)).
+
+    With `weights` (B,) the loss is the weighted mean `Σ w·l / Σ w` (e.g. by aesthetic score).
+    """
+    sampling = sampling or TimestepSampling()
+    if cfg_dropout > 0:
+        if null_text is None:
+            raise ValueError(f"cfg_dropout={cfg_dropout} needs null_text (the encoder's output for '')")
+        text, text_mask = apply_cfg_dropout(text, text_mask, null_text, null_mask, cfg_dropout, generator)
+    t = sample_timesteps(x0.shape[0], sampling, x0.device, generator)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    t_ = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    x_t = (1 - t_) * x0 + t_ * noise
+    prediction = model(x_t, t, text, text_mask)
+    per_sample = (prediction.float() - (noise - x0).float()).pow(2).flatten(1).mean(dim=1)
+    if weights is None:
+        return per_sample.mean(), per_sample, t
+    weights = weights.to(per_sample)
+    return (weights * per_sample).sum() / weights.sum().clamp(min=1e-12), per_sample, t

@@ -1,0 +1,161 @@
+"""The hybrid DiT: image+text token funnel through linear-attention blocks and full-attention anchors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.models.attention import (
+    CrossAttention,
+    Grid,
+    LinearAttention,
+    SoftmaxAttention,
+    grid_to_image,
+    rope_2d,
+)
+from trainer.models.config import DiTConfig
+from trainer.models.layers import (
+    MLP,
+    AdaLNHead,
+    Conditioning,
+    FinalLayer,
+    FourierFilter,
+    MixFFN,
+    layer_norm,
+    modulate,
+)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block over [image, text] tokens: attention (+ cross-attention, + Fourier filter), then FFN."""
+
+    def __init__(self, dim: int, cond_dim: int, attn: nn.Module, ffn: nn.Module,
+                 cross: CrossAttention | None = None, fourier: FourierFilter | None = None):
+        super().__init__()
+        self.norm1, self.norm2 = layer_norm(dim), layer_norm(dim)
+        self.ada_ln = AdaLNHead(cond_dim, dim, 6)
+        self.attn, self.ffn, self.cross, self.fourier = attn, ffn, cross, fourier
+
+    def forward(self, image, text, text_mask, cond, grid: Grid, rope=None, joint: bool = True):
+        """image (B, N, D) and text (B, L, D) -> updated pair; with `joint=False` text only feeds cross-attention."""
+        n_image = image.shape[1]
+        seq = torch.cat([image, text], dim=1) if joint else image
+        key_mask = None
+        if joint and text_mask is not None:
+            key_mask = torch.cat([text_mask.new_ones(image.shape[:2]), text_mask], dim=1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(cond)
+        seq = seq + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(seq), shift1, scale1), key_mask, grid, rope)
+        if self.fourier is not None or self.cross is not None:
+            image, rest = seq[:, :n_image], seq[:, n_image:]
+            if self.fourier is not None:
+                image = image + self.fourier(image, grid)
+            if self.cross is not None:
+                image = image + self.cross(image, rest if joint else text, text_mask)
+            seq = torch.cat([image, rest], dim=1)
+        seq = seq + gate2.unsqueeze(1) * self.ffn(modulate(self.norm2(seq), shift2, scale2), grid)
+        return seq[:, :n_image], (seq[:, n_image:] if joint else text)
+
+
+def _ffn(config: DiTConfig, pointwise: bool = False) -> nn.Module:
+    hidden = int(config.dim * config.mlp_ratio)
+    if config.ffn == "mlp" or pointwise:
+        return MLP(config.dim, hidden)
+    return MixFFN(config.dim, hidden, config.ffn_conv)
+
+
+def _block(config: DiTConfig, cond_dim: int, index: int) -> DiTBlock:
+    grid = (config.latent_size // config.patch_size,) * 2
+    if config.is_full_attention(index):
+        attn = SoftmaxAttention(config.dim, config.heads)
+        cross = CrossAttention(config.dim, config.heads) if config.cross_attention else None
+    else:
+        attn = LinearAttention(config.dim, config.linear_heads or config.heads, config.linear_value_conv)
+        cross = None
+    fourier = FourierFilter(config.dim, grid) if config.fourier_filter else None
+    return DiTBlock(config.dim, cond_dim, attn, _ffn(config), cross, fourier)
+
+
+class HybridDiT(nn.Module):
+    """Velocity model `v(x_t, t, text)`; the config selects the hybrid, joint, LiT or single-stream variant."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        dim, patch = config.dim, config.patch_size
+        self.patch_embed = nn.Conv2d(config.latent_channels, dim, patch, stride=patch)
+        self.text_proj = nn.Linear(config.text_dim, dim)
+        self.conditioning = Conditioning(dim, config.text_dim, config.trunk_dim)
+        cond_dim = self.conditioning.out_dim
+        side = config.latent_size // patch
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, side, side)) if config.position == "learned" else None
+        # refiners prepare each stream alone before fusion: image with full attention, text with a pointwise FFN
+        self.noise_refiner = nn.ModuleList(
+            DiTBlock(dim, cond_dim, SoftmaxAttention(dim, config.heads), _ffn(config))
+            for _ in range(config.refiner_depth)
+        )
+        self.context_refiner = nn.ModuleList(
+            DiTBlock(dim, cond_dim, SoftmaxAttention(dim, config.heads), _ffn(config, pointwise=True))
+            for _ in range(config.refiner_depth)
+        )
+        self.blocks = nn.ModuleList(_block(config, cond_dim, i) for i in range(config.depth))
+        self.final = FinalLayer(cond_dim, dim, patch * patch * config.latent_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier for projections; every adaLN head, cross-attention output and the final layer start at zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        patch_weight = self.patch_embed.weight
+        nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed, std=0.02)
+        for module in self.modules():
+            if isinstance(module, AdaLNHead):
+                nn.init.zeros_(module.linear.weight)
+                nn.init.zeros_(module.linear.bias)
+            if isinstance(module, CrossAttention):
+                nn.init.zeros_(module.proj.weight)
+                nn.init.zeros_(module.proj.bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """Latents (B, C, H, W) -> image tokens (B, h*w, D); the grid follows the input size."""
+        patch = self.config.patch_size
+        if x.shape[1] != self.config.latent_channels or x.shape[-2] % patch or x.shape[-1] % patch:
+            raise ValueError(
+                f"latents of shape {tuple(x.shape)} need {self.config.latent_channels} channels and sides "
+                f"divisible by patch_size={patch}"
+            )
+        feature_map = self.patch_embed(x)
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if pos.shape[-2:] != feature_map.shape[-2:]:
+                pos = F.interpolate(pos, size=feature_map.shape[-2:], mode="bicubic", align_corners=False)
+            feature_map = feature_map + pos
+        return grid_to_image(feature_map), tuple(feature_map.shape[-2:])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) noisy latents, t (B,) with t=1 noise, text (B, L, text_dim), mask True=real -> v like x."""
+        image, grid = self.embed_image(x)
+        tokens = self.text_proj(text)  # (B, L, D)
+        cond = self.conditioning(t, text, text_mask)
+        rope = None
+        if self.config.position == "rope2d":
+            rope = rope_2d(grid, self.config.dim // self.config.heads, x.device)
+        for block in self.noise_refiner:
+            image, _ = block(image, tokens, text_mask, cond, grid, rope, joint=False)
+        for block in self.context_refiner:
+            _, tokens = block(tokens[:, :0], tokens, text_mask, cond, (0, 0))
+        for index, block in enumerate(self.blocks):
+            # token funnel: from `text_drop_block` on, text tokens stop being processed (kept for cross-attention)
+            joint = self.config.text_drop_block is None or index < self.config.text_drop_block
+            image, tokens = block(image, tokens, text_mask, cond, grid, rope, joint=joint)
+        out = self.final(image, cond)  # (B, h*w, p*p*C)
+        batch, patch = x.shape[0], self.config.patch_size
+        return F.pixel_shuffle(out.transpose(1, 2).reshape(batch, -1, *grid), patch)
