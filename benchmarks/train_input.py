@@ -1,0 +1,125 @@
+"""Training input benchmark: steps/s streaming the latent cache from S3 vs the same batches already in memory.
+
+    python -m infra.local.netns .venv/bin/python benchmarks/train_input.py [--preset HybridDiT-tiny] [--batch-size 32]
+
+Uses the S3 in AWS_ENDPOINT_URL (e.g. under `hybriddit exec --`) or starts a private SeaweedFS on
+loopback. Same model, batch size and train step (trainer.loop.Trainer.train_step) in both arms,
+alternated in rounds so that a busy machine slows both alike. Also measures the checkpoint stall:
+how long `CheckpointPublisher.save` blocks training vs how long the background upload takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from services import storage  # noqa: E402
+
+
+@contextlib.contextmanager
+def s3_bucket(scratch: Path):
+    """An s3:// prefix to write to: the configured endpoint's bucket, or a private SeaweedFS started here."""
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        yield f"s3://{os.environ.get('HYBRIDDIT_BUCKET', 'hybriddit')}/benchmarks/train-input-{os.getpid()}"
+        return
+    from infra.local.credentials import S3Credentials
+    from infra.local.seaweedfs import SeaweedS3
+
+    credentials = S3Credentials.generate()
+    server = SeaweedS3.on_free_ports(scratch / "seaweedfs", credentials)
+    server.start(timeout=60)
+    try:
+        server.ensure_bucket("bench")
+        os.environ.update({**credentials.as_env(), "AWS_ENDPOINT_URL": server.endpoint_url, "AWS_REGION": "us-east-1"})
+        yield "s3://bench/train-input"
+    finally:
+        server.stop()
+
+
+def timed_steps(trainer, batches, steps: int) -> tuple[float, float]:
+    """(seconds for `steps` train steps pulling from `batches`, seconds of that spent waiting for data)."""
+    waited = 0.0
+    started = time.perf_counter()
+    for _ in range(steps):
+        before = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - before
+        trainer.train_step(batch)
+    return time.perf_counter() - started, waited
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="HybridDiT-tiny")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shards", type=int, default=12)
+    parser.add_argument("--samples-per-shard", type=int, default=64)
+    parser.add_argument("--steps-per-round", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--checkpoint-preset", help="model for the checkpoint-stall figure (default: --preset)")
+    args = parser.parse_args(argv)
+
+    import itertools
+
+    import torch
+
+    from tests.trainer.tiny_cache import CHANNELS, TEXT_DIM, write_tiny_cache
+    from trainer.config import TrainJobConfig
+    from trainer.loop import Trainer, resolve_dataset
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory(prefix="hybriddit-bench-") as scratch, s3_bucket(Path(scratch)) as prefix:
+        cache = storage.join(prefix, "cache")
+        write_tiny_cache(cache, shard_sizes=[args.samples_per_shard] * args.shards)
+        config = TrainJobConfig.model_validate(dict(
+            data=dict(uris=[cache], shuffle_window_shards=2, prefetch_shards=2), model=dict(preset=args.preset),
+            batch_size=args.batch_size, epochs=1000, checkpoint=dict(uri=storage.join(prefix, "ckpt"), resume=False)))
+        trainer = Trainer(config, resolve_dataset(config))
+        streamed = iter(trainer.data_stream())
+        in_memory_batches = [next(streamed) for _ in range(args.steps_per_round)]
+        in_memory = itertools.cycle(in_memory_batches)
+        timed_steps(trainer, in_memory, 3)  # warm-up: allocator, first-call kernels
+        totals = {"stream": [0.0, 0.0], "memory": [0.0, 0.0]}
+        arms = [("stream", streamed), ("memory", in_memory)]
+        for round_index in range(args.rounds):
+            for arm, batches in arms if round_index % 2 == 0 else arms[::-1]:
+                seconds, waited = timed_steps(trainer, batches, args.steps_per_round)
+                totals[arm][0] += seconds
+                totals[arm][1] += waited
+        steps = args.rounds * args.steps_per_round
+        rate = {arm: steps / seconds for arm, (seconds, _) in totals.items()}
+        print(f"model {args.preset}, global batch {args.batch_size}, {steps} steps per arm, "
+              f"{args.shards} shards x {args.samples_per_shard} samples on {prefix.split('/')[2]} ({cache})")
+        print(f"in memory : {rate['memory']:.3f} steps/s")
+        print(f"S3 stream : {rate['stream']:.3f} steps/s (data wait {totals['stream'][1] / totals['stream'][0]:.1%})")
+        print(f"ratio stream/memory: {rate['stream'] / rate['memory']:.3f} (goal >= 0.97)")
+        # On a shared machine the arms' rates swing with other load; the wait for data is what streaming adds.
+        print(f"ratio implied by the data wait alone: {1 - totals['stream'][1] / totals['stream'][0]:.3f}")
+
+        if args.checkpoint_preset and args.checkpoint_preset != args.preset:
+            # the preset's architecture at the cache's latent channels and text width
+            model = {"preset": args.checkpoint_preset, "overrides": {"latent_channels": CHANNELS, "text_dim": TEXT_DIM}}
+            config = TrainJobConfig.model_validate({**config.model_dump(), "model": model})
+        dataset = resolve_dataset(config)
+        saver = trainer if config.model.preset == args.preset else Trainer(config, dataset)
+        stall = saver.publisher.save(1, model=saver.model.state_dict(), optimizer=saver.optimizer.state_dict(),
+                                     rng={}, state={"step": 1}, write_export=lambda directory: None)
+        saver.publisher.wait()
+        size = sum(p.numel() * p.element_size() for p in saver.model.parameters()) / 2**20
+        print(f"checkpoint of {config.model.preset} ({size:.0f} MiB of weights + optimizer state): training stalled "
+              f"{stall:.2f} s, background upload took {saver.publisher.last_upload_seconds:.2f} s")
+        storage.delete(prefix, recursive=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

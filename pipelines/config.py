@@ -1,0 +1,95 @@
+"""The encode job's config: where samples come from, how they are prepared, encoded and stored."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipelines.preprocess import PreprocessConfig
+from pipelines.sources import SourceConfig
+from services.cache.schema import LatentDtype, TextDtype
+from services.config import StrictModel
+
+EncoderDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class EncoderStageConfig(StrictModel):
+    """One frozen encoder run as a Ray actor pool: which model, how many actors, what each may use."""
+
+    name: str
+    tiny: bool = Field(default=False, description="seeded random tiny weights (tests), not the real model")
+    options: dict[str, Any] = Field(default_factory=dict, description="the registry's options for this model")
+    batch_size: int = Field(default=16, ge=1, description="samples per encoder call")
+    concurrency: int = Field(default=1, ge=1, description="actors in the pool")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor; > 0 runs the encoder on CUDA")
+    # Fractional by default: on a 2-CPU node, pools that take every CPU starve the read tasks (deadlock).
+    num_cpus: float = Field(default=0.5, gt=0, description="CPUs per actor")
+    dtype: EncoderDtype = Field(default="bfloat16", description="compute dtype on CUDA; CPU always runs float32")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+class CodecStageConfig(EncoderStageConfig):
+    """The image codec (VAE) pool."""
+
+    name: str = "dc-ae-f32c32-sana-1.1"
+
+
+class TextStageConfig(EncoderStageConfig):
+    """The text encoder pool and how its hidden states are stored."""
+
+    name: str = "t5-base"
+    batch_size: int = Field(default=32, ge=1, description="prompts per encoder call")
+    storage_dtype: TextDtype = Field(default="fp16", description="fp16, or int8 with per-token scales")
+
+
+class ReadConfig(StrictModel):
+    """The read + decode tasks: one per input unit."""
+
+    num_cpus: float = Field(default=0.25, gt=0, description="CPUs per read task")
+    bucket_window: int = Field(
+        default=64, ge=1, description="prepared samples held back and emitted grouped by bucket, so encoder "
+        "batches are mostly one shape",
+    )
+
+
+class OutputConfig(StrictModel):
+    """Where the latent cache goes and how its shards are cut."""
+
+    uri: str = Field(description="cache prefix: s3://bucket/prefix, file:// or a local path")
+    latent_dtype: LatentDtype = "fp16"
+    max_samples_per_shard: int = Field(default=1000, ge=1)
+    fragment_samples: int = Field(
+        default=512, ge=1, description="samples per writer call; every call writes its own shard(s) per unit and "
+        "bucket, so this bounds both shard size and writer memory",
+    )
+    writer_concurrency: int = Field(default=1, ge=1, description="writer actors")
+    writer_num_cpus: float = Field(default=0.25, gt=0, description="CPUs per writer actor")
+
+
+class EncodeJobConfig(StrictModel):
+    """`pipelines/encode_latents.py`: an image+caption corpus -> the latent cache the trainer reads."""
+
+    source: SourceConfig
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    read: ReadConfig = Field(default_factory=ReadConfig)
+    codec: CodecStageConfig = Field(default_factory=CodecStageConfig)
+    text: TextStageConfig = Field(default_factory=TextStageConfig)
+    output: OutputConfig
+    units: list[str] | None = Field(default=None, description="only units whose names match these glob patterns")
+    limit: int | None = Field(default=None, ge=0, description="at most this many units (partial runs)")
+    overwrite: bool = Field(default=False, description="redo units that already finished")
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _writer_can_fill_a_shard(self) -> EncodeJobConfig:
+        if self.output.fragment_samples > self.output.max_samples_per_shard:
+            # A writer call never sees more than fragment_samples, so larger shards could never fill.
+            raise ValueError(
+                f"output.fragment_samples ({self.output.fragment_samples}) must be <= "
+                f"output.max_samples_per_shard ({self.output.max_samples_per_shard})"
+            )
+        return self

@@ -1,0 +1,186 @@
+"""The encode job's driver, without Ray: pick and plan units, account for every sample, publish the cache.
+
+`run_encode(job, card, execute)` is shared by the Ray graph and the single-process loop; `execute`
+turns the units still to do into the writer's account rows (see `pipelines.actors.ACCOUNT_SCHEMA`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from pipelines.actors import EncoderCard
+from pipelines.config import EncodeJobConfig
+from pipelines.ledger import UnitLedger
+from pipelines.sources import build_source, select_units
+from pipelines.sources.base import InputUnit
+from services import storage
+from services.cache import layout
+from services.cache.manifest import (
+    CacheManifest,
+    UnitProgress,
+    build_manifest,
+    list_progress,
+    read_manifest,
+    write_manifest,
+    write_plan,
+    write_progress,
+)
+from services.cache.names import safe_stem
+from services.cache.writer import write_null_text
+
+logger = logging.getLogger(__name__)
+
+# `shards/<bucket>/<unit stem>-<first sample index:06d>-<NNNN>.tar`, see actors.fragment_stem.
+FRAGMENT_SHARD = re.compile(r"^(?P<stem>.+)-\d{6}-\d{4}\.tar$")
+
+Execute = Callable[[list[InputUnit], EncoderCard], Iterable[dict[str, Any]]]
+
+
+class JobSummary(BaseModel):
+    """What one run did: units, samples written and dropped by reason, throughput, cache size."""
+
+    cache_uri: str
+    units_selected: int
+    units_already_done: int
+    units_finished: int
+    units_failed: dict[str, str]
+    samples_written: int
+    failures: dict[str, int]
+    bytes_written: int
+    seconds: float
+    images_per_second: float
+    cache_samples: int
+    cache_bytes_per_sample: float
+
+
+def selected_units(job: EncodeJobConfig) -> list[InputUnit]:
+    """The source's units, filtered by `units` patterns and capped by `limit`."""
+    return select_units(build_source(job.source).list_units(), include=job.units, limit_units=job.limit)
+
+
+def check_cache_matches(job: EncodeJobConfig, card: EncoderCard) -> None:
+    """Refuse to add samples to a cache made with other encoders or dtypes (unless redoing with overwrite)."""
+    if card.latent_downscale and job.preprocess.multiple_of % card.latent_downscale:
+        raise ValueError(
+            f"preprocess.multiple_of={job.preprocess.multiple_of} is not a multiple of codec {job.codec.name!r}'s "
+            f"downscale factor {card.latent_downscale}: set preprocess.multiple_of to a multiple of it"
+        )
+    if job.overwrite or not storage.exists(layout.manifest_uri(job.output.uri)):
+        return
+    existing = read_manifest(job.output.uri)
+    wanted = {"codec": card.codec, "text_encoder": card.text_encoder, "latent_dtype": job.output.latent_dtype,
+              "text_dtype": job.text.storage_dtype}  # fmt: skip
+    differing = {name: (getattr(existing, name), value) for name, value in wanted.items()
+                 if getattr(existing, name) != value}  # fmt: skip
+    if differing:
+        shown = "; ".join(f"{name}: cache has {old}, config has {new}" for name, (old, new) in differing.items())
+        raise ValueError(
+            f"{job.output.uri} was encoded differently ({shown}): choose another output.uri, or pass --overwrite "
+            "to redo every unit"
+        )
+
+
+def delete_stale_shards(out_uri: str, units: list[str]) -> int:
+    """Remove shards left by unfinished earlier attempts of `units`; returns how many were deleted."""
+    stems = {safe_stem(unit) for unit in units}
+    deleted = 0
+    for uri in storage.list_uris(storage.join(out_uri, layout.SHARDS_DIR), recursive=True):
+        match = FRAGMENT_SHARD.match(uri.rsplit("/", 1)[-1])
+        if match and match["stem"] in stems:
+            storage.delete(uri)
+            deleted += 1
+    return deleted
+
+
+def plan_units(job: EncodeJobConfig, units: list[InputUnit]) -> tuple[list[InputUnit], list[UnitProgress]]:
+    """(units to run, units already finished); clears what the units to run left behind before."""
+    out = job.output.uri
+    finished = {progress.unit: progress for progress in list_progress(out)}
+    if job.overwrite:
+        for unit in units:
+            # Progress first: a run killed in between sees the unit unfinished and redoes it.
+            storage.delete(layout.progress_uri(out, unit.name))
+        done: list[UnitProgress] = []
+        to_run = list(units)
+    else:
+        done = [finished[unit.name] for unit in units if unit.name in finished]
+        to_run = [unit for unit in units if unit.name not in finished]
+    deleted = delete_stale_shards(out, [unit.name for unit in to_run])
+    if deleted:
+        logger.info("deleted %d shards of unfinished earlier attempts", deleted)
+    return to_run, done
+
+
+def publish_manifest(job: EncodeJobConfig, card: EncoderCard) -> CacheManifest:
+    """The dataset card over every finished unit in the cache (this run's and earlier ones)."""
+    manifest = build_manifest(
+        job.output.uri, codec=card.codec, latent_channels=card.latent_channels, latent_scale=card.latent_scale,
+        latent_shift=card.latent_shift, latent_dtype=job.output.latent_dtype, text_encoder=card.text_encoder,
+        text_dim=card.text_dim, text_max_len=card.text_max_len, text_dtype=job.text.storage_dtype,
+        job_config=job.model_dump(mode="json"), progresses=list_progress(job.output.uri),
+    )  # fmt: skip
+    write_manifest(job.output.uri, manifest)
+    return manifest
+
+
+def run_encode(
+    job: EncodeJobConfig,
+    card: EncoderCard,
+    execute: Execute,
+    *,
+    units: list[InputUnit] | None = None,
+    on_rate: Callable[[float], None] | None = None,
+) -> JobSummary:
+    """Plan, run `execute` over the units still to do, record each unit as it completes, publish the manifest."""
+    started = time.monotonic()
+    units = selected_units(job) if units is None else units
+    check_cache_matches(job, card)
+    to_run, done = plan_units(job, units)
+    write_null_text(job.output.uri, card.null_text)
+    write_plan(job.output.uri, [unit.name for unit in units])
+    logger.info("%d units selected, %d already finished, %d to run", len(units), len(done), len(to_run))
+    ledger = UnitLedger(to_run)
+    bar = tqdm(total=len(to_run), unit="unit", desc="encode", disable=not job.progress_bar, mininterval=2.0)
+    run_started = time.monotonic()
+    with bar:
+        for account in execute(to_run, card) if to_run else ():
+            progress = ledger.record(account)
+            if progress is not None:
+                write_progress(job.output.uri, progress)
+                bar.update(1)
+            rate = ledger.samples_written / max(time.monotonic() - run_started, 1e-9)
+            bar.set_postfix(samples=ledger.samples_written, dropped=sum(ledger.failures.values()),
+                            img_s=f"{rate:.1f}", refresh=False)  # fmt: skip
+            if on_rate is not None:
+                on_rate(rate)
+    failed = ledger.close()
+    run_seconds = time.monotonic() - run_started
+    for unit, reason in failed.items():
+        logger.error("unit %s did not finish (%s); the next run redoes it", unit, reason)
+    manifest = publish_manifest(job, card)
+    written = sum(progress.samples_written for progress in ledger.finished)
+    failures: Counter = Counter()
+    for progress in ledger.finished:
+        failures.update(progress.failures)
+    return JobSummary(
+        cache_uri=job.output.uri,
+        units_selected=len(units),
+        units_already_done=len(done),
+        units_finished=len(ledger.finished),
+        units_failed=failed,
+        samples_written=written,
+        failures=dict(sorted(failures.items())),
+        bytes_written=sum(shard.num_bytes for progress in ledger.finished for shard in progress.shards),
+        seconds=time.monotonic() - started,
+        images_per_second=written / max(run_seconds, 1e-9),
+        cache_samples=manifest.num_samples,
+        cache_bytes_per_sample=manifest.num_bytes / max(manifest.num_samples, 1),
+    )

@@ -1,0 +1,98 @@
+"""Checkpoints: safetensors + JSON round trip, atomic publish with latest.json last, keep-last-K, no stall."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from services import storage
+from trainer import checkpoint as ckpt
+
+
+def contents(step: int, value: float):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9))
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.weight.fill_(value)
+
+    def write_export(directory):
+        directory.mkdir()
+        from safetensors.torch import save_file
+
+        save_file({"weight": torch.full((2, 3), value)}, directory / "model.safetensors")
+
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                rng={"rank0.generator": torch.Generator().manual_seed(step).get_state()},
+                state={"step": step, "data_position": {"epoch": 0, "batches": step}}, write_export=write_export)
+
+
+def test_optimizer_state_round_trips_through_tensors_and_json():
+    state = contents(1, 0.5)["optimizer"]
+    tensors, rest = ckpt.flatten_optimizer_state(state)
+    restored = ckpt.unflatten_optimizer_state(tensors, json.loads(json.dumps(rest)))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.load_state_dict(restored)
+    assert optimizer.param_groups[0]["betas"] == [0.8, 0.9]
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+
+
+def test_published_checkpoint_loads_back_and_latest_names_it(tmp_path):
+    publisher = ckpt.CheckpointPublisher(str(tmp_path / "ckpts"), keep_last=2)
+    publisher.save(5, **contents(5, 0.25))
+    publisher.wait()
+    loaded = ckpt.load_latest(str(tmp_path / "ckpts"))
+    assert loaded.step == 5
+    assert torch.all(loaded.model["weight"] == 0.25) and torch.all(loaded.ema["weight"] == 0.25)
+    assert loaded.state["data_position"] == {"epoch": 0, "batches": 5}
+    assert storage.read_json(str(tmp_path / "ckpts" / "latest.json")) == {"step": 5, "path": "step_0000005"}
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+    publisher = ckpt.CheckpointPublisher(str(tmp_path / "ckpts"), keep_last=2)
+    for step in (1, 2, 3, 4):
+        publisher.save(step, **contents(step, float(step)))
+    publisher.wait()
+    assert ckpt.complete_steps(str(tmp_path / "ckpts")) == [3, 4]
+
+
+def test_a_failed_upload_leaves_the_previous_checkpoint_as_latest(tmp_path, monkeypatch):
+    root = str(tmp_path / "ckpts")
+    publisher = ckpt.CheckpointPublisher(root, keep_last=3)
+    publisher.save(1, **contents(1, 1.0))
+    publisher.wait()
+    uploads = []
+    real_upload = storage.upload_file
+
+    def dying_upload(local, uri, config=None):  # the job is killed after the first file of step 2
+        uploads.append(uri)
+        if len(uploads) > 1:
+            raise KeyboardInterrupt("killed")
+        real_upload(local, uri, config)
+
+    monkeypatch.setattr(storage, "upload_file", dying_upload)
+    publisher.save(2, **contents(2, 2.0))
+    with pytest.raises(RuntimeError, match="uploading a checkpoint"):
+        publisher.wait()
+    assert storage.exists(storage.join(root, "step_0000002", "export"))  # partly uploaded
+    assert storage.read_json(storage.join(root, "latest.json"))["step"] == 1
+    assert ckpt.load_latest(root).step == 1
+
+
+def test_saving_stalls_training_only_for_the_local_write(tmp_path, monkeypatch):
+    real_publish = storage.publish_dir
+
+    def slow_publish(local_dir, uri, config=None):
+        time.sleep(1.0)
+        return real_publish(local_dir, uri, config)
+
+    monkeypatch.setattr(storage, "publish_dir", slow_publish)
+    publisher = ckpt.CheckpointPublisher(str(tmp_path / "ckpts"), keep_last=2)
+    stall = publisher.save(1, **contents(1, 1.0))
+    publisher.wait()
+    assert stall < 0.5 <= publisher.last_upload_seconds

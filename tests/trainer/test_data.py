@@ -1,0 +1,137 @@
+"""Deterministic per-rank streaming of the cache: disjoint ranks, equal steps, exact resume, skipped samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.cache.reader import CorruptCacheError
+from tests.trainer.tiny_cache import TEXT_DIM, write_reference_shard, write_tiny_cache
+from trainer.data import (
+    PLACEHOLDER_KEY,
+    DataPosition,
+    TrainingStream,
+    epoch_plan,
+    index_shards,
+    split_holdout,
+)
+
+NULL_TEXT = np.zeros((1, TEXT_DIM), np.float32)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    root = str(tmp_path / "cache")
+    keys = write_tiny_cache(root, shard_sizes=[9, 12, 7, 10, 11, 6], sides=[8, 8, 8, 8, 4, 4])
+    return root, keys
+
+
+def stream(shards, rank=0, world_size=1, batch=4, start=None, **kwargs):
+    return TrainingStream(shards, seed=3, rank=rank, world_size=world_size, batch_per_rank=batch, window_shards=2,
+                          placeholder_text=NULL_TEXT, start=start, **kwargs)
+
+
+def take(training_stream, count):
+    batches = iter(training_stream)
+    return [next(batches) for _ in range(count)]
+
+
+def test_ranks_read_disjoint_samples_in_the_same_number_of_single_bucket_steps(cache):
+    shards = index_shards([cache[0]])
+    plans = [epoch_plan(shards, seed=0, epoch=0, rank=r, world_size=2, batch_per_rank=3, window_shards=2)
+             for r in range(2)]
+    assert len(plans[0]) == len(plans[1]) > 0
+    assert [b.bucket for b in plans[0]] == [b.bucket for b in plans[1]]
+    seen = [{address for batch in plan for address in batch.addresses} for plan in plans]
+    assert not seen[0] & seen[1]
+    for plan in plans:
+        assert all(len({shards[s].bucket for s, _ in batch.addresses}) == 1 for batch in plan)
+
+
+def test_an_epoch_visits_each_sample_at_most_once_and_the_next_epoch_reshuffles(cache):
+    shards = index_shards([cache[0]])
+    epoch0 = epoch_plan(shards, seed=0, epoch=0, rank=0, world_size=1, batch_per_rank=4, window_shards=2)
+    epoch1 = epoch_plan(shards, seed=0, epoch=1, rank=0, world_size=1, batch_per_rank=4, window_shards=2)
+    addresses = [a for batch in epoch0 for a in batch.addresses]
+    assert len(addresses) == len(set(addresses))
+    assert [b.addresses for b in epoch0] != [b.addresses for b in epoch1]
+
+
+def test_batches_hold_one_latent_shape_and_text_padded_to_the_batch_maximum_with_a_mask(cache):
+    for batch in take(stream(index_shards([cache[0]])), 8):
+        lengths = batch["text_mask"].sum(dim=1)
+        assert batch["text"].shape[1] == int(lengths.max())
+        assert batch["latent"].shape[-1] == int(batch["bucket"].split("x")[1])
+        assert batch["weights"].tolist() == [1.0] * 4
+
+
+def test_resuming_from_a_data_position_continues_the_epoch_without_repeating_or_skipping(cache):
+    shards = index_shards([cache[0]])
+    uninterrupted = [batch["keys"] for batch in take(stream(shards), 14)]
+    first = stream(shards)
+    before = [batch["keys"] for batch in take(first, 5)]
+    saved = DataPosition.from_json(first.position.to_json())
+    after = [batch["keys"] for batch in take(stream(shards, start=saved), 9)]
+    assert before + after == uninterrupted
+
+
+def test_a_position_saved_at_the_end_of_an_epoch_resumes_at_the_next_epoch(cache):
+    shards = index_shards([cache[0]])
+    steps = len(stream(shards).plan(0))
+    uninterrupted = [batch["keys"] for batch in take(stream(shards), steps + 2)]
+    resumed = take(stream(shards, start=DataPosition(0, steps, 1, 4)), 2)
+    assert [batch["keys"] for batch in resumed] == uninterrupted[steps:]
+
+
+def test_a_corrupt_shard_becomes_counted_zero_weight_placeholders(cache, tmp_path):
+    shards = index_shards([cache[0]])
+    with open(shards[1].uri, "r+b") as handle:  # garble the tar from byte 700 on
+        handle.seek(700)
+        handle.write(b"\xff" * 4000)
+    training_stream = stream(shards)
+    batches = take(training_stream, len(training_stream.plan(0)))
+    placeholders = sum(key == PLACEHOLDER_KEY for batch in batches for key in batch["keys"])
+    zero_weights = sum(int((batch["weights"] == 0).sum()) for batch in batches)
+    assert placeholders > 0
+    assert zero_weights == placeholders == sum(training_stream.skipped.values())
+    assert set(training_stream.skipped) <= {"unreadable_shard", "corrupt_sample"}
+
+
+def test_a_corrupt_shard_fails_fast_when_configured(cache):
+    shards = index_shards([cache[0]])
+    with open(shards[0].uri, "r+b") as handle:
+        handle.seek(700)
+        handle.write(b"\xff" * 4000)
+    training_stream = stream(shards, fail_on_corrupt=True)
+    with pytest.raises(CorruptCacheError, match=shards[0].uri):
+        take(training_stream, len(training_stream.plan(0)))
+
+
+def test_shards_in_the_reference_layout_are_indexed_and_streamed(tmp_path):
+    prefix = tmp_path / "reference"
+    write_reference_shard(str(prefix / "000.tar"), [f"a{i}" for i in range(5)])
+    write_reference_shard(str(prefix / "001.tar"), [f"b{i}" for i in range(6)], seed=1)
+    shards = index_shards([str(prefix)])
+    assert [(s.bucket, s.num_samples, s.latent_channels) for s in shards] == [("8x8", 5, 4), ("8x8", 6, 4)]
+    batch = take(stream(shards), 1)[0]
+    assert batch["latent"].shape == (4, 4, 8, 8)
+    assert batch["text_mask"].sum() == sum(1 + int(caption[-1]) % 3 for caption in batch["captions"])
+
+
+def test_holdout_keeps_the_last_shards_out_of_training(cache):
+    shards = index_shards([cache[0]])
+    train, held = split_holdout(shards, 2)
+    assert train + held == shards and held == shards[-2:]
+    with pytest.raises(ValueError, match="holdout_shards=6"):
+        split_holdout(shards, 6)
+
+
+def test_a_bucket_with_fewer_shards_than_ranks_is_split_by_sample_not_dropped(tmp_path):
+    root = str(tmp_path / "small")
+    write_tiny_cache(root, shard_sizes=[10])
+    shards = index_shards([root])
+    plans = [epoch_plan(shards, seed=0, epoch=0, rank=r, world_size=2, batch_per_rank=2, window_shards=2)
+             for r in range(2)]
+    seen = [{a for batch in plan for a in batch.addresses} for plan in plans]
+    assert len(plans[0]) == len(plans[1]) == 2
+    assert not seen[0] & seen[1]

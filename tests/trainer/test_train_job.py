@@ -1,0 +1,125 @@
+"""The train job under `ray job submit`: 2-worker CPU DDP on an S3 cache, kill + resubmit resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from services import storage
+from tests.fixtures.ray_cluster import REPO
+from tests.trainer.tiny_cache import write_tiny_cache
+from trainer.checkpoint import LATEST
+
+SUMMARY = re.compile(r"TRAIN_SUMMARY (\{.*\})")
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def s3_cache(s3_server):
+    uri = s3_server.uri("trainer-tests", "cache")
+    write_tiny_cache(uri, shard_sizes=[24, 24, 24, 24, 16, 16])
+    return uri
+
+
+def train_argv(cache_uri: str, checkpoint_uri: str) -> list[str]:
+    overrides = {
+        "data.uris": f"[{cache_uri}]", "checkpoint.uri": checkpoint_uri, "checkpoint.every_steps": 10,
+        "max_steps": STEPS, "batch_size": 16, "report_every": 10, "optimizer.lr": 3e-3, "cfg_dropout": 0.0,
+        "scaling.num_workers": 2, "run_name": checkpoint_uri.rsplit("/", 2)[-2],
+    }
+    argv = ["python", "trainer/train.py", "--config", "configs/train/tiny-cpu.yaml"]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={value}"]
+    return argv
+
+
+def summary_of(output: str) -> dict:
+    found = SUMMARY.findall(output)
+    assert found, output[-3000:]
+    return json.loads(found[-1])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, s3_server, s3_cache):
+    started = time.monotonic()
+    result = ray_cluster.submit(train_argv(s3_cache, s3_server.uri("trainer-tests", "straight", "checkpoints")),
+                                timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {**summary_of(result.stdout), "seconds": time.monotonic() - started}
+
+
+def test_two_ddp_workers_stay_identical_and_the_loss_falls(uninterrupted):
+    first, second = uninterrupted["replica_fingerprints"]
+    assert first == second
+    losses = uninterrupted["reported_losses"]
+    assert uninterrupted["step"] == STEPS and len(losses) == STEPS // 10
+    assert losses[-1] < losses[0]
+
+
+def driver_processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if marker in cmdline and "trainer/train.py" in cmdline and "ray job" not in cmdline:
+            found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
+        ray_cluster, s3_server, s3_cache, uninterrupted):
+    checkpoints = s3_server.uri("trainer-tests", "killed", "checkpoints")
+    argv = train_argv(s3_cache, checkpoints)
+    job = subprocess.Popen(ray_cluster.submit_command(argv), cwd=REPO, env=ray_cluster.env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not storage.exists(storage.join(checkpoints, LATEST)):
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.5)
+        drivers = driver_processes(checkpoints)
+        assert drivers
+        for process in drivers:
+            process.send_signal(signal.SIGKILL)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    saved_step = storage.read_json(storage.join(checkpoints, LATEST))["step"]
+    assert 0 < saved_step < STEPS
+    time.sleep(10)  # Ray reaps the dead job's training workers and frees their CPUs
+    result = ray_cluster.submit(argv, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(r"resumed from \S+ at step (\d+)", result.stdout + result.stderr)
+    resumed = summary_of(result.stdout)
+    assert resumed["step"] == STEPS
+    assert resumed["replica_fingerprints"] == pytest.approx(uninterrupted["replica_fingerprints"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_train_job_trains_on_a_cache_written_by_the_encode_job(ray_cluster, s3_server, tmp_path):
+    from services.cache.manifest import read_manifest
+    from tests.fixtures.corpora import make_folder_corpus
+
+    make_folder_corpus(tmp_path / "photos")
+    cache = s3_server.uri("trainer-tests", "encoded")
+    encode = ray_cluster.submit(
+        ["python", "pipelines/encode_latents.py", "--config", "configs/encode/folder-taef2-minilm.yaml",
+         "--set", f"source.root={tmp_path / 'photos'}", "--set", f"output.uri={cache}",
+         "--set", "preprocess.resolution=64", "--set", "preprocess.min_size=32", "--set", "progress_bar=false"],
+        timeout=300)
+    assert encode.returncode == 0, (encode.stdout + encode.stderr)[-3000:]
+    card = read_manifest(cache)
+    argv = train_argv(cache, s3_server.uri("trainer-tests", "encoded-run", "checkpoints"))
+    argv += ["--set", f"model.overrides={{latent_channels: {card.latent_channels}, text_dim: {card.text_dim}}}",
+             "--set", "batch_size=2", "--set", "max_steps=4", "--set", "report_every=2", "--set", "cfg_dropout=0.5"]
+    result = ray_cluster.submit(argv, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    summary = summary_of(result.stdout)
+    assert summary["step"] == 4 and len(set(summary["replica_fingerprints"])) == 1

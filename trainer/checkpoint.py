@@ -1,0 +1,194 @@
+"""Training checkpoints as safetensors + JSON, published atomically under `<uri>/step_NNNNNNN/`.
+
+A checkpoint directory holds
+    model.safetensors        the trained weights
+    export/                  the EMA weights as `model.safetensors` + `model_config.json` (generate.py reads it)
+    optimizer.safetensors    the optimizer's per-parameter state tensors, keyed `state.<param>.<name>`
+    optimizer.json           its param groups and any non-tensor state
+    rng.safetensors          every rank's RNG states, keyed `rank<r>.<name>`
+    state.json               step, data position, LR schedule, skip counts, the effective config
+and `_COMPLETE.json` (written last by services.storage.publish_dir). `<uri>/latest.json` is rewritten
+only after a directory is complete, so it never names a partial checkpoint; resuming takes the
+newest complete directory. Uploads run in a background thread: training stalls only for the local
+write (and for a previous upload still running when the next checkpoint is due).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from services import storage
+from trainer.export import WEIGHTS_FILE
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest.json"
+EXPORT_DIR = "export"
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+
+
+def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`optimizer.state_dict()` -> (tensors keyed `state.<param>.<name>`, the JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for param, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param}.{name}"] = value
+            else:
+                scalars[f"{param}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        _, param, name = key.split(".", 2)
+        state.setdefault(int(param), {})[name] = tensor
+    for key, value in rest["scalars"].items():
+        param, name = key.split(".", 1)
+        state.setdefault(int(param), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: tensors on the CPU and the JSON state."""
+
+    uri: str
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def write_checkpoint_dir(directory: Path, *, model: dict[str, torch.Tensor], optimizer: dict[str, Any],
+                         rng: dict[str, torch.Tensor], state: dict[str, Any],
+                         write_export: Callable[[Path], None]) -> None:
+    """Write one checkpoint's files into a local directory (the part of a save that stalls training)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(_cpu(model), directory / "model.safetensors")
+    optimizer_tensors, optimizer_rest = flatten_optimizer_state(optimizer)
+    save_file(_cpu(optimizer_tensors), directory / "optimizer.safetensors")
+    (directory / "optimizer.json").write_text(json.dumps(optimizer_rest, indent=1))
+    save_file(_cpu(rng), directory / "rng.safetensors")
+    (directory / "state.json").write_text(json.dumps(state, indent=2))
+    write_export(directory / EXPORT_DIR)
+
+
+def read_checkpoint_dir(directory: Path, uri: str) -> Checkpoint:
+    return Checkpoint(
+        uri=uri,
+        model=load_file(directory / "model.safetensors"),
+        ema=load_file(directory / EXPORT_DIR / WEIGHTS_FILE),
+        optimizer=unflatten_optimizer_state(load_file(directory / "optimizer.safetensors"),
+                                            json.loads((directory / "optimizer.json").read_text())),
+        rng=load_file(directory / "rng.safetensors"),
+        state=json.loads((directory / "state.json").read_text()),
+    )
+
+
+def complete_steps(uri: str) -> list[int]:
+    """Steps of the complete checkpoints under `uri`, ascending."""
+    steps = []
+    for child in storage.list_uris(uri):
+        match = STEP_DIR.match(child.rstrip("/").rsplit("/", 1)[-1])
+        if match and storage.is_complete(child):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def load_latest(uri: str, local_dir: str | Path | None = None) -> Checkpoint | None:
+    """The newest complete checkpoint under `uri` (checked against its completion marker), or None."""
+    steps = complete_steps(uri)
+    if not steps:
+        return None
+    checkpoint_uri = storage.join(uri, step_dir_name(steps[-1]))
+    with tempfile.TemporaryDirectory(prefix="hybriddit-resume-", dir=local_dir) as scratch:
+        storage.download_published_dir(checkpoint_uri, scratch)
+        checkpoint = read_checkpoint_dir(Path(scratch), checkpoint_uri)
+    logger.info("loaded checkpoint %s (step %d)", checkpoint_uri, checkpoint.step)
+    return checkpoint
+
+
+class CheckpointPublisher:
+    """Writes checkpoints locally and uploads them in a background thread, one at a time, keeping the last K."""
+
+    def __init__(self, uri: str, keep_last: int, local_dir: str | Path | None = None) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.uri = uri
+        self.keep_last = keep_last
+        self.local_dir = local_dir
+        self._upload: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_upload_seconds: float | None = None
+
+    def save(self, step: int, **contents: Any) -> float:
+        """Write checkpoint `step` (see `write_checkpoint_dir`) and start its upload; returns the stall in seconds."""
+        started = time.perf_counter()
+        self.wait()
+        staging = Path(tempfile.mkdtemp(prefix=f"hybriddit-{step_dir_name(step)}-", dir=self.local_dir))
+        write_checkpoint_dir(staging, **contents)
+        self._upload = threading.Thread(target=self._publish, args=(step, staging), name="checkpoint-upload",
+                                        daemon=True)
+        self._upload.start()
+        return time.perf_counter() - started
+
+    def wait(self) -> None:
+        """Block until the running upload ends; re-raise its failure here, in the training thread."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"uploading a checkpoint to {self.uri} failed: {error}") from error
+
+    def _publish(self, step: int, staging: Path) -> None:
+        started = time.perf_counter()
+        target = storage.join(self.uri, step_dir_name(step))
+        try:
+            storage.publish_dir(staging, target)
+            storage.write_json(storage.join(self.uri, LATEST), {"step": step, "path": step_dir_name(step)})
+            self.prune()
+            self.last_upload_seconds = time.perf_counter() - started
+            logger.info("published checkpoint %s in %.2f s", target, self.last_upload_seconds)
+        except BaseException as error:  # handed to the training thread by wait()
+            self._error = error
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def prune(self) -> None:
+        """Delete complete checkpoints older than the newest `keep_last`, and abandoned partial ones before them."""
+        complete = complete_steps(self.uri)
+        keep = set(complete[-self.keep_last:])
+        oldest_kept = min(keep)
+        for child in storage.list_uris(self.uri):
+            match = STEP_DIR.match(child.rstrip("/").rsplit("/", 1)[-1])
+            if match and int(match.group(1)) < oldest_kept and int(match.group(1)) not in keep:
+                storage.delete(child, recursive=True)
