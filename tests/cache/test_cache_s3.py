@@ -18,12 +18,11 @@ from services.cache.reader import SkipCounter, cache_dataset, load_null_text
 from services.cache.schema import CacheSample
 from services.cache.writer import UnitShardWriter, write_null_text
 from services.cli import main
-from tests.fixtures.s3 import s3_server  # noqa: F401  (session fixture)
 
 UNIT = "fine-t2i/train-000007.tar"
 
 
-def test_cache_written_to_s3_streams_back_every_sample_and_reports_status(s3_server, capsys):  # noqa: F811
+def test_cache_written_to_s3_streams_back_every_sample_and_reports_status(s3_server, capsys):
     out = s3_server.uri("cache-roundtrip")
     rng = np.random.default_rng(0)
     writer = UnitShardWriter(out, UNIT, latent_dtype="bf16", text_dtype="int8", max_samples_per_shard=3)

@@ -92,6 +92,7 @@ def test_rayjob_entrypoints_run_the_job_script_with_a_config_of_that_job():
         assert argv[:2] == ["python", script], name
         assert argv[2] == "--config", name
         assert re.fullmatch(re.escape(config_folder) + r"[a-z0-9][a-z0-9._-]*\.yaml", argv[3]), name
+        assert (REPO / script).is_file() and (REPO / argv[3]).is_file(), name
 
 
 def test_kustomization_applies_cluster_resources_but_never_the_secret_template():

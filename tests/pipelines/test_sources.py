@@ -32,7 +32,6 @@ from tests.fixtures.corpora import (
     make_laion_parquet,
     reasons_by_key,
 )
-from tests.fixtures.s3 import s3_server  # noqa: F401  (session fixture)
 
 PREPROCESS = PreprocessConfig(resolution=64, multiple_of=32)
 
@@ -133,7 +132,7 @@ def test_finet2i_mix_skips_fields_a_sample_lacks():
     assert {mixed_caption_field(f"k{i}", ["txt"], weights, seed=0) for i in range(20)} == {"txt"}
 
 
-def test_finet2i_streams_tars_from_s3_listed_by_glob(tmp_path, s3_server):  # noqa: F811
+def test_finet2i_streams_tars_from_s3_listed_by_glob(tmp_path, s3_server):
     make_finet2i_tar(tmp_path / "train-000000.tar", finet2i_records(PHOTOS[:2]))
     make_finet2i_tar(tmp_path / "train-000001.tar", finet2i_records(PHOTOS[2:3], first_id=2))
     prefix = s3_server.uri("sources", "synthetic_x")
