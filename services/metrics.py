@@ -67,7 +67,6 @@ ENCODE_METRICS = (
         ("stage",),
         STAGE_SECONDS_BOUNDARIES,
     ),
-    MetricSpec("hybriddit_encode_queue_depth", "gauge", "Batches waiting in front of a stage.", ("stage",)),
     MetricSpec("hybriddit_encode_images_per_second", "gauge", "Encode throughput seen by this process."),
 )
 
@@ -124,7 +123,10 @@ def _increment(metrics: dict[str, object], name: str, value: int | float, tags: 
 
 
 class EncodeMetrics:
-    """Throughput, failures, per-stage time and queue depths of the latent-cache encode job."""
+    """Throughput, failures and per-stage time of the latent-cache encode job.
+
+    Per-stage queues are Ray Data's own `ray_data_operator_queued_blocks` (one series per operator).
+    """
 
     def __init__(self) -> None:
         self._metrics = _build(ENCODE_METRICS)
@@ -143,9 +145,6 @@ class EncodeMetrics:
 
     def stage_seconds(self, stage: str, seconds: float) -> None:
         self._metrics["hybriddit_encode_stage_seconds"].observe(seconds, tags={"stage": _known_stage(stage)})
-
-    def queue_depth(self, stage: str, depth: int) -> None:
-        self._metrics["hybriddit_encode_queue_depth"].set(depth, tags={"stage": _known_stage(stage)})
 
     def images_per_second(self, rate: float) -> None:
         self._metrics["hybriddit_encode_images_per_second"].set(rate)

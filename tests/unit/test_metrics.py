@@ -26,7 +26,6 @@ def test_metric_names_are_exactly_the_ones_jobs_and_dashboards_agree_on():
         "hybriddit_encode_shards_written_total",
         "hybriddit_encode_failures_total",
         "hybriddit_encode_stage_seconds",
-        "hybriddit_encode_queue_depth",
         "hybriddit_encode_images_per_second",
         "hybriddit_train_loss",
         "hybriddit_train_grad_norm",
@@ -63,7 +62,6 @@ def test_exported_names_carry_rays_prefix():
 def test_tags_are_the_ones_dashboards_group_by():
     assert METRICS["hybriddit_encode_failures_total"].tag_keys == ("reason",)
     assert METRICS["hybriddit_encode_stage_seconds"].tag_keys == ("stage",)
-    assert METRICS["hybriddit_encode_queue_depth"].tag_keys == ("stage",)
     assert METRICS["hybriddit_train_samples_skipped_total"].tag_keys == ("reason",)
     assert METRICS["hybriddit_train_loss"].tag_keys == ("rank",)
     assert METRICS["hybriddit_train_data_wait_fraction"].tag_keys == ("rank",)
@@ -134,7 +132,6 @@ RECORD_AND_SCRAPE = textwrap.dedent(
     encode.shards_written()
     encode.failures("decode_error")
     encode.stage_seconds("vae", 0.2)
-    encode.queue_depth("text", 3)
     encode.images_per_second(12.5)
     train = TrainMetrics(rank=0)
     train.step(10, 0.25, 1.5, 4e-4, 2.0, 64.0, 0.1)

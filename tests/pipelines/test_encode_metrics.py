@@ -1,0 +1,37 @@
+"""The encode job's throughput metrics reach Ray's Prometheus endpoint (what Grafana and the dashboard read)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+from services.metrics import ENCODE_METRICS
+from tests.fixtures.corpora import PHOTOS_BY_NAME, make_folder_corpus
+from tests.pipelines.test_encode_job import encode_args, run_job
+
+SCRAPE_DEADLINE_S = 90  # Ray's agents export what workers record every few seconds
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def test_an_encode_job_exports_the_projects_metrics_on_rays_metrics_endpoint(ray_cluster, s3_server, tmp_path):
+    photos = tuple(PHOTOS_BY_NAME[name] for name in ("astronaut", "coffee", "chelsea"))
+    corpus = tmp_path / "corpus"
+    make_folder_corpus(corpus, photos)
+    (corpus / "no_caption.jpg").write_bytes((corpus / "coffee.jpg").read_bytes())
+    summary = run_job(ray_cluster, encode_args({"kind": "folder", "root": str(corpus)}, s3_server.uri("metrics-cache")))
+    assert summary["samples_written"] == 3
+
+    wanted = {spec.exported_name for spec in ENCODE_METRICS}
+    deadline = time.monotonic() + SCRAPE_DEADLINE_S
+    while True:
+        exposition = scrape(ray_cluster.head.settings.metrics_export_port)
+        missing = {name for name in wanted if name not in exposition}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert missing == set()
+    assert 'reason="missing_caption"' in exposition
