@@ -23,9 +23,10 @@ from trainer.config import TrainJobConfig  # noqa: E402
 logger = logging.getLogger("trainer.train")
 
 # Passed to the workers so that they reach the same S3 and stay quiet about optional torchao kernels.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "TORCHINDUCTOR_CACHE_DIR",
-                 "GLOO_SOCKET_IFNAME")
+# Keys are not among them: a runtime_env is shown in the dashboard, and every node of a cluster gets
+# its credentials from its own environment (the local stack's head, a Kubernetes Secret).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES",
+                 "TORCHINDUCTOR_CACHE_DIR", "GLOO_SOCKET_IFNAME")
 
 
 def worker_env() -> dict[str, str]:
