@@ -79,10 +79,14 @@ class S3Credentials(StrictModel):
 
 
 def write_private_json(path: Path, obj: object) -> None:
-    """Write JSON through a 0600 temp file and rename it, so the secret is never readable by others."""
+    write_private_text(path, json.dumps(obj))
+
+
+def write_private_text(path: Path, text: str) -> None:
+    """Write through a 0600 temp file and rename it, so a secret is never readable by others."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
-        json.dump(obj, handle)
+        handle.write(text)
     os.chmod(temp, 0o600)  # O_CREAT's mode is masked by umask and ignored for an existing file
     os.replace(temp, path)

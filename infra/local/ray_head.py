@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from infra.local.credentials import write_private_text
 from infra.local.processes import read_pid, require_free_ports, start_detached, stop_pid
 from services.config import StrictModel
 
@@ -57,9 +58,7 @@ class RayHead:
         """Token auth for the head and every client: the cluster runs code for whoever reaches it."""
         if not self.token_file.exists():
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(secrets.token_hex(32))
+            write_private_text(self.token_file, secrets.token_hex(32))
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
 
     def pid(self) -> int | None:
@@ -119,7 +118,11 @@ class RayHead:
             env={**env, **self.auth_env(), "PATH": path},
             cwd=self.workdir,
         )
-        self._wait_ready(timeout)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()  # a head that never became ready must not linger holding ports
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from infra.local.credentials import S3Credentials
+from infra.local.credentials import S3Credentials, write_private_text
 from infra.local.netns import only_loopback
 from infra.local.ray_head import RayHead, RaySettings
 from infra.local.seaweedfs import SeaweedInternalPorts, SeaweedS3
@@ -58,8 +58,7 @@ class LocalStack:
             self.s3.start()
         self.s3.ensure_bucket(self.settings.bucket)
         env_file_lines = [f"export {key}={value}" for key, value in self.client_env().items()]
-        self.env_file.write_text("\n".join(env_file_lines) + "\n")
-        self.env_file.chmod(0o600)
+        write_private_text(self.env_file, "\n".join(env_file_lines) + "\n")
         # Jobs inherit the head's environment: that is how they find the S3 endpoint and keys.
         self.ray.start({**os.environ, **self.job_env()})
         return self.status()

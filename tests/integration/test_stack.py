@@ -64,9 +64,9 @@ def is_loopback(address: str) -> bool:
 
 
 def test_stack_up_twice_submit_job_loopback_only_then_down(stack_overrides):
-    first = hybriddit_stack("up", stack_overrides)
-    second = hybriddit_stack("up", stack_overrides)
     try:
+        first = hybriddit_stack("up", stack_overrides)
+        second = hybriddit_stack("up", stack_overrides)
         assert first["s3"]["running"] and first["ray"]["running"]
         s3_pid = pid_of(first, "seaweedfs/seaweedfs.pid")
         ray_pid = pid_of(first, "ray/ray.pid")
