@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 ON_LOOPBACK := $(PY) -m infra.local.netns
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-all lint demo stack-up stack-down stack-status bench clean
+.PHONY: install test test-slow test-e2e test-all lint demo stack-up stack-down stack-status bench clean
 
 install:
 	@bash scripts/bootstrap.sh
@@ -15,6 +15,10 @@ test: install
 
 test-slow: install
 	$(ON_LOOPBACK) $(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+# The full proof that it learns: all ten digits through the real jobs (~8 min on 2 cores).
+test-e2e: install
+	$(ON_LOOPBACK) $(PY) -m pytest -m "slow and e2e" -s tests/e2e $(PYTEST_ARGS)
 
 test-all: install
 	$(ON_LOOPBACK) $(PY) -m pytest $(PYTEST_ARGS)
@@ -36,7 +40,7 @@ demo: install
 	$(VENV)/bin/hybriddit exec -- $(PY) scripts/demo.py
 
 # Each benchmark prints its figures and the ratio it is judged by; see the README's Benchmarks section.
-BENCHMARKS := attention_scaling encode_throughput train_input
+BENCHMARKS := attention_scaling encode_throughput train_input demo_time
 
 bench: install
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(ON_LOOPBACK) $(PY) benchmarks/$$b.py || exit 1; done

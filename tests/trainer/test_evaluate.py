@@ -1,0 +1,131 @@
+"""The evaluation job's parts: digit classifier, feature spaces, FID/KID, checkpoint resolution, the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.demo_corpus import digit_caption, ink_to_image, load_digit_split
+from services import storage
+from services.cache import manifest
+from services.cache.schema import CacheSample
+from services.cache.writer import UnitShardWriter, write_null_text
+from services.encoders import build_codec
+from trainer.digit_classifier import digit_accuracy, digit_of_caption, fit_digit_classifier
+from trainer.eval_features import FeatureExtractorError, build_features
+from trainer.evaluate import EvalConfig, distribution_metrics, evaluate, generate_images, resolve_export
+from trainer.export import save_exported_model
+from trainer.models import build_model
+
+PIXEL_CODEC = {"name": "pixel", "tiny": False, "factor": 4}
+TINY_MINILM = {"name": "minilm", "tiny": True, "max_length": 32}
+
+
+def digit_images(ink: np.ndarray) -> torch.Tensor:
+    """(N, 8, 8) ink -> (N, 3, 32, 32) images in [0, 1], as the demo corpus draws them."""
+    pixels = np.stack([np.asarray(ink_to_image(sample)) for sample in ink])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digit_split()
+
+
+@pytest.fixture(scope="module")
+def held_out_images(digits) -> torch.Tensor:
+    return digit_images(digits.held_out_ink)
+
+
+def test_classifier_fitted_on_held_out_digits_reads_the_training_digits(digits, held_out_images):
+    classifier = fit_digit_classifier(held_out_images, digits.held_out_labels)
+    assert digit_accuracy(classifier, digit_images(digits.train_ink), digits.train_labels) > 0.9
+
+
+def test_caption_digit_is_read_from_the_demo_caption_and_none_elsewhere():
+    assert [digit_of_caption(digit_caption(d)) for d in range(10)] == list(range(10))
+    assert digit_of_caption("Chelsea the cat") is None
+
+
+def test_digit_features_refuse_reference_captions_without_a_digit(held_out_images):
+    with pytest.raises(ValueError, match="Chelsea the cat"):
+        build_features("digits", held_out_images[:2], ["a handwritten digit 1", "Chelsea the cat"])
+
+
+def test_inception_features_without_their_weights_say_how_to_get_them(held_out_images):
+    with pytest.raises(FeatureExtractorError, match="weights_path"):
+        build_features("inception", held_out_images[:2], ["a", "b"], weights_path="/nonexistent/inception.pth")
+
+
+def test_fid_is_the_squared_mean_shift_and_kid_grows_with_it():
+    real = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    same = distribution_metrics(real, real.clone(), kid_subset_size=100, kid_subsets=20)
+    near = distribution_metrics(real, real + 0.3, kid_subset_size=100, kid_subsets=20)
+    far = distribution_metrics(real, real + 1.0, kid_subset_size=100, kid_subsets=20)
+    assert [same["fid"], near["fid"], far["fid"]] == pytest.approx([0.0, 8 * 0.3**2, 8 * 1.0**2], abs=1e-4)
+    # KID is an unbiased estimate over random subsets: about 0 (within its spread) for one set
+    assert abs(same["kid_mean"]) < 3 * same["kid_std"] < near["kid_mean"] < far["kid_mean"]
+
+
+def test_resolve_export_follows_latest_json_to_the_newest_step_export(tmp_path):
+    step_dir = tmp_path / "step_0000040"
+    (step_dir / "export").mkdir(parents=True)
+    (step_dir / "export" / "model_config.json").write_text("{}")
+    (tmp_path / "latest.json").write_text(json.dumps({"step": 40, "path": "step_0000040"}))
+    assert resolve_export(str(tmp_path)) == (str(step_dir / "export"), str(step_dir))
+    assert resolve_export(str(step_dir)) == (str(step_dir / "export"), str(step_dir))
+
+
+def test_resolve_export_of_a_folder_without_a_model_names_what_it_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError, match="latest.json"):
+        resolve_export(str(tmp_path))
+
+
+def write_digit_cache(root: str, ink: np.ndarray, labels: np.ndarray) -> None:
+    """A latent cache of real digits through the pixel codec, as the encode job writes it for the demo."""
+    latents = build_codec(**PIXEL_CODEC).encode(digit_images(ink)).numpy()
+    write_null_text(root, np.zeros((1, 32), np.float32))
+    with UnitShardWriter(root, "digits", latent_dtype="fp16", text_dtype="fp16") as writer:
+        for index, (latent, label) in enumerate(zip(latents, labels, strict=True)):
+            writer.write(CacheSample(key=f"digit-{index:04d}", latent=latent, text=np.zeros((2, 32), np.float32),
+                                     caption=digit_caption(int(label))))
+    progress = manifest.UnitProgress(unit="digits", input_uri="memory://digits", shards=writer.close(),
+                                     samples_written=len(labels), seconds=0.0)
+    manifest.write_manifest(root, manifest.build_manifest(
+        root, codec=PIXEL_CODEC, latent_channels=48, latent_scale=2.0, latent_shift=0.5, latent_dtype="fp16",
+        text_encoder=TINY_MINILM, text_dim=32, text_max_len=32, text_dtype="fp16", job_config={},
+        progresses=[progress]))
+
+
+@pytest.fixture(scope="module")
+def untrained_export(tmp_path_factory) -> str:
+    model = build_model({**build_model("HybridDiT-tiny").config.model_dump(), "latent_channels": 48})
+    return str(save_exported_model(tmp_path_factory.mktemp("export"), model, codec=PIXEL_CODEC,
+                                   text_encoder=TINY_MINILM))
+
+
+def test_generation_split_into_chunks_gives_the_images_of_one_run(untrained_export):
+    config = EvalConfig(checkpoint=untrained_export, reference_uri="unused", generation={"steps": 2, "batch_size": 2})
+    prompts = [digit_caption(d) for d in range(4)]
+    whole = generate_images(untrained_export, prompts, config.generation, 0, 32, 32)
+    halves = [generate_images(untrained_export, prompts[:2], config.generation, 0, 32, 32),
+              generate_images(untrained_export, prompts[2:], config.generation, 2, 32, 32)]
+    np.testing.assert_array_equal(whole, np.concatenate(halves))
+
+
+def test_evaluate_writes_fid_kid_and_digit_accuracy_next_to_the_checkpoint(tmp_path, digits, untrained_export):
+    reference = str(tmp_path / "heldout")
+    write_digit_cache(reference, digits.held_out_ink[:60], digits.held_out_labels[:60])
+    config = EvalConfig(checkpoint=untrained_export, reference_uri=reference, num_samples=60, features="digits",
+                        kid_subset_size=30, generation={"steps": 2, "batch_size": 30})
+    report = evaluate(config)
+    written = storage.read_json(storage.join(untrained_export, "eval.json"))
+    metrics = written["metrics"]
+    assert report["report_uri"] == storage.join(untrained_export, "eval.json")
+    assert metrics["fid"] > 0 and metrics["kid_mean"] == pytest.approx(report["metrics"]["kid_mean"])
+    assert metrics["digit_accuracy_reference"] > 0.9  # the classifier knows the reference digits
+    assert metrics["digit_accuracy"] < 0.5  # an untrained model draws no digits
+    assert metrics["clip_score"] is None

@@ -1,0 +1,262 @@
+"""The evaluation job: FID, KID, CLIP score and digit accuracy of a checkpoint against held-out cache samples.
+
+    ray job submit -- python trainer/evaluate.py --config configs/demo/evaluate.yaml \
+        --set checkpoint=s3://hybriddit/demo/checkpoints --set reference_uri=s3://hybriddit/demo/cache-heldout
+
+Reads N held-out samples of a latent cache (decoded with the cache's codec: the reference images) and
+generates one image per reference caption with `trainer/generate.py` (in this process, or split into
+Ray tasks for large N). FID/KID compare the two sets in a pluggable feature space (`eval_features`);
+CLIP score needs local CLIP weights; with `features: digits` the digit classifier fitted on the
+reference also reports how often a generated image shows the digit its prompt asked for. The report
+is written as `eval.json` next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python trainer/evaluate.py` under `ray job submit`
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from pydantic import Field  # noqa: E402
+
+from services.config import StrictModel  # noqa: E402
+
+logger = logging.getLogger("trainer.evaluate")
+
+REPORT_FILE = "eval.json"
+
+
+class GenerationSettings(StrictModel):
+    """How the evaluated images are sampled (the options of trainer/generate.py)."""
+
+    steps: int = Field(20, ge=1)
+    cfg: float = Field(3.0, ge=0)
+    sampler: Literal["euler", "heun", "rk4"] = "heun"
+    shift: float = Field(1.0, gt=0)
+    seed: int = 0
+    batch_size: int = Field(50, ge=1)
+    device: str | None = Field(None, description="cpu, cuda ...; None = cuda if available")
+
+
+class RaySettings(StrictModel):
+    """Generation split over Ray tasks; off = one process generates everything."""
+
+    enabled: bool = False
+    tasks: int = Field(2, ge=1, description="prompt chunks generated in parallel")
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class EvalConfig(StrictModel):
+    """One evaluation of one checkpoint."""
+
+    checkpoint: str = Field(description="an export dir (model_config.json), a step_NNNNNNN dir or a checkpoint "
+                                        "root with latest.json; local path or s3://")
+    reference_uri: str = Field(description="held-out latent cache root (manifest.json) never trained on")
+    num_samples: int = Field(500, ge=2, description="N reference samples and as many generated images")
+    features: Literal["digits", "inception"] = "inception"
+    feature_options: dict[str, Any] = Field(default_factory=dict)
+    kid_subset_size: int = Field(100, ge=2, description="KID subset size (capped at N)")
+    kid_subsets: int = Field(100, ge=1)
+    clip_model: str | None = Field(None, description="CLIP hub id or local dir for CLIP score; None = skipped")
+    generation: GenerationSettings = GenerationSettings()
+    ray: RaySettings = RaySettings()
+    report_uri: str | None = Field(None, description=f"where the report goes; None = {REPORT_FILE} next to the "
+                                                     "checkpoint")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_export(checkpoint: str) -> tuple[str, str]:
+    """(export URI, directory the report goes in) for an export dir, a step dir or a checkpoint root."""
+    from services import storage
+    from trainer.checkpoint import EXPORT_DIR, LATEST
+    from trainer.export import CONFIG_FILE
+
+    if storage.exists(storage.join(checkpoint, CONFIG_FILE)):
+        return checkpoint, checkpoint
+    if storage.exists(storage.join(checkpoint, EXPORT_DIR, CONFIG_FILE)):
+        return storage.join(checkpoint, EXPORT_DIR), checkpoint
+    if storage.exists(storage.join(checkpoint, LATEST)):
+        step_dir = storage.join(checkpoint, storage.read_json(storage.join(checkpoint, LATEST))["path"])
+        return storage.join(step_dir, EXPORT_DIR), step_dir
+    raise FileNotFoundError(f"checkpoint {checkpoint} holds neither {CONFIG_FILE}, {EXPORT_DIR}/{CONFIG_FILE} nor "
+                            f"{LATEST}: pass an export dir, a step_NNNNNNN dir or a train job's checkpoint.uri")
+
+
+def read_reference(cache_uri: str, num_samples: int) -> tuple[torch.Tensor, list[str]]:
+    """The first N samples of a cache decoded to (N, 3, H, W) images in [0, 1], and their captions."""
+    from services.cache import manifest, reader
+    from services.encoders import build_codec
+
+    card = manifest.read_manifest(cache_uri)
+    codec = build_codec(**card.codec)
+    latents, captions = [], []
+    for sample in reader.cache_dataset(manifest.shard_uris(cache_uri), shuffle_buffer=0, seed=0,
+                                       split_by_node=False):
+        latents.append(torch.from_numpy(sample.latent.astype(np.float32)))
+        captions.append(sample.caption)
+        if len(captions) == num_samples:
+            break
+    if len(captions) < num_samples:
+        raise ValueError(f"reference cache {cache_uri} holds {len(captions)} samples, fewer than "
+                         f"num_samples={num_samples}: lower num_samples or encode more held-out images")
+    shapes = {tuple(latent.shape) for latent in latents}
+    if len(shapes) > 1:
+        raise ValueError(f"reference cache {cache_uri} mixes latent shapes {sorted(shapes)}; FID needs one size")
+    return codec.decode(torch.stack(latents)), captions
+
+
+def generate_images(export_uri: str, prompts: list[str], settings: GenerationSettings, seed: int,
+                    height: int, width: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 images for the prompts, as the PNGs trainer/generate.py writes."""
+    from PIL import Image
+
+    from trainer.generate import build_parser, generate
+
+    with tempfile.TemporaryDirectory(prefix="hybriddit-eval-") as scratch:
+        prompts_file = Path(scratch, "prompts.txt")
+        prompts_file.write_text("\n".join(prompts) + "\n")
+        argv = ["--checkpoint", export_uri, "--prompts-file", str(prompts_file), "--out", str(Path(scratch, "out")),
+                "--steps", str(settings.steps), "--cfg", str(settings.cfg), "--sampler", settings.sampler,
+                "--shift", str(settings.shift), "--seed", str(seed), "--batch-size", str(settings.batch_size),
+                "--size", f"{width}x{height}"]
+        if settings.device:
+            argv += ["--device", settings.device]
+        paths = generate(build_parser().parse_args(argv))[:-1]  # the grid comes last
+        return np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
+
+
+def generate_all(config: EvalConfig, export_uri: str, prompts: list[str], height: int, width: int) -> torch.Tensor:
+    """(N, 3, H, W) generated images in [0, 1]; chunk k is seeded from its first prompt's index either way."""
+    settings = config.generation
+    chunk = settings.batch_size * max(1, -(-len(prompts) // (settings.batch_size * config.ray.tasks)))
+    starts = range(0, len(prompts), chunk if config.ray.enabled else len(prompts))
+    arguments = [(export_uri, prompts[start:start + chunk if config.ray.enabled else None], settings,
+                  settings.seed + start, height, width) for start in starts]
+    if config.ray.enabled:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()  # the cluster from RAY_ADDRESS (set by `ray job submit`), else a local one
+        task = ray.remote(generate_images).options(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
+        chunks = ray.get([task.remote(*args) for args in arguments])
+    else:
+        chunks = [generate_images(*args) for args in arguments]
+    return torch.from_numpy(np.concatenate(chunks)).permute(0, 3, 1, 2).float() / 255
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def batched(module: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([module(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int,
+                         kid_subsets: int) -> dict[str, float]:
+    """FID and KID (mean, std) between two (N, d) feature sets, computed by torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from trainer.eval_features import Precomputed
+
+    identity = Precomputed(real.shape[1])
+    fid = FrechetInceptionDistance(feature=identity, normalize=True)
+    with warnings.catch_warnings():  # "KID keeps every feature in memory": it gets nothing else here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=identity, subsets=kid_subsets,
+                                      subset_size=min(kid_subset_size, len(real), len(fake)), normalize=True)
+    for metric in (fid, kid):
+        metric.update(real.double(), real=True)
+        metric.update(fake.double(), real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def clip_score(model: str, images: torch.Tensor, prompts: list[str], batch: int = 64) -> float:
+    """Mean CLIP score (100 x cosine, floored at 0) of images against their prompts."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    try:
+        metric = CLIPScore(model_name_or_path=model)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"clip_model {model!r} cannot be loaded ({exc}); pass a local directory with a "
+                                "transformers CLIP checkpoint, or clip_model: null to skip CLIP score") from exc
+    for start in range(0, len(images), batch):
+        metric.update((images[start:start + batch] * 255).to(torch.uint8), prompts[start:start + batch])
+    return float(metric.compute())
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation and write the report; returns it."""
+    from services import storage
+    from trainer.digit_classifier import digit_accuracy
+    from trainer.eval_features import DigitFeatures, build_features, reference_digits
+
+    started = time.perf_counter()
+    export_uri, report_dir = resolve_export(config.checkpoint)
+    reference, prompts = read_reference(config.reference_uri, config.num_samples)
+    height, width = reference.shape[2:]
+    generated = generate_all(config, export_uri, prompts, height, width)
+    generated_seconds = time.perf_counter() - started
+    features = build_features(config.features, reference, prompts, **config.feature_options)
+    metrics = distribution_metrics(batched(features, reference), batched(features, generated),
+                                   config.kid_subset_size, config.kid_subsets)
+    if isinstance(features, DigitFeatures):
+        digits = reference_digits(prompts)
+        metrics["digit_accuracy"] = digit_accuracy(features.classifier, generated, digits)
+        metrics["digit_accuracy_reference"] = digit_accuracy(features.classifier, reference, digits)
+    metrics["clip_score"] = clip_score(config.clip_model, generated, prompts) if config.clip_model else None
+    report = {
+        "checkpoint": config.checkpoint,
+        "export": export_uri,
+        "reference_uri": config.reference_uri,
+        "num_samples": config.num_samples,
+        "features": config.features,
+        "image_size": [int(width), int(height)],
+        "metrics": metrics,
+        "seconds": {"generate": generated_seconds, "total": time.perf_counter() - started},
+        "config": config.model_dump(mode="json"),
+    }
+    report_uri = config.report_uri or storage.join(report_dir, REPORT_FILE)
+    storage.write_json(report_uri, report)
+    report["report_uri"] = report_uri
+    logger.info("wrote %s: %s", report_uri, json.dumps(metrics))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file (configs/demo/evaluate.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. num_samples=100")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(EvalConfig, args.config, args.set)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    report = evaluate(config)
+    print("EVAL_REPORT " + json.dumps({"report_uri": report["report_uri"], **report["metrics"]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
