@@ -41,20 +41,16 @@ def start_services(scratch: Path) -> tuple[object, object, dict[str, str]]:
     from infra.local.credentials import S3Credentials
     from infra.local.ray_head import RayHead, RaySettings
     from infra.local.seaweedfs import SeaweedS3
-    from tests.fixtures.ports import free_port
 
     credentials = S3Credentials.generate()
     s3 = SeaweedS3.on_free_ports(scratch / "seaweedfs", credentials)
     s3.start(timeout=60)
     s3.ensure_bucket("bench")
     env = {**os.environ, **credentials.as_env(), "AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_REGION": "us-east-1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     os.environ.update({key: env[key] for key in ("AWS_ENDPOINT_URL", "AWS_REGION", *credentials.as_env())})
-    settings = RaySettings(gcs_port=free_port(), dashboard_port=free_port(), client_port=free_port(),
-                           metrics_export_port=free_port(), dashboard_agent_port=free_port(), num_cpus=2,
-                           object_store_memory_bytes=1 << 30)  # fmt: skip
+    settings = RaySettings.on_free_ports(num_cpus=2, object_store_memory_bytes=1 << 30)
     head = RayHead(scratch / "ray", settings, workdir=REPO_ROOT)
     head.start(env)
     return s3, head, {**env, **head.auth_env()}
@@ -88,7 +84,7 @@ def ray_job(head, env: dict[str, str], corpus: Path, out_uri: str, resolution: i
 
 def long_prompt() -> str:
     """A fine-t2i-length enhanced prompt (~1,000 characters) from the hand-written photo prompts."""
-    from tests.fixtures.corpora import PHOTOS
+    from pipelines.bundled_photos import PHOTOS
 
     return " ".join(photo.enhanced_prompt for photo in PHOTOS)[:1000]
 

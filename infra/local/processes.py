@@ -24,6 +24,13 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def free_port() -> int:
+    """A loopback port the OS reports free now (for servers started on ports of their own, e.g. in tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def require_free_ports(owner: str, ports: dict[str, int]) -> None:
     taken = {name: port for name, port in ports.items() if not port_is_free(port)}
     if taken:

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from infra.local.credentials import write_private_text
-from infra.local.processes import read_pid, require_free_ports, start_detached, stop_pid
+from infra.local.processes import free_port, read_pid, require_free_ports, start_detached, stop_pid
 from services.config import StrictModel
 
 
@@ -29,6 +29,12 @@ class RaySettings(StrictModel):
     num_cpus: int | None = None
     # Ray's default takes 30% of RAM in /dev/shm; the local stack shares a small machine with its jobs.
     object_store_memory_bytes: int = 1 << 30
+
+    @classmethod
+    def on_free_ports(cls, **sizes) -> RaySettings:
+        """Settings whose every port is free now, e.g. for a head beside a running local stack."""
+        ports = ("gcs_port", "dashboard_port", "client_port", "metrics_export_port", "dashboard_agent_port")
+        return cls(**{name: free_port() for name in ports}, **sizes)
 
 
 class RayHead:

@@ -13,9 +13,8 @@ import psutil
 import pytest
 
 from infra.local.netns import only_loopback
-from infra.local.processes import session_pids
+from infra.local.processes import free_port, session_pids
 from infra.local.seaweedfs import SeaweedInternalPorts, free_port_with_grpc_twin
-from tests.fixtures.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 HYBRIDDIT = [sys.executable, "-m", "services.cli"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from infra.local.netns import only_loopback
+from infra.local.processes import free_port
 from services.metrics import EXPORTED_SERIES, METRIC_NAMES, METRICS, EncodeMetrics, TrainMetrics
-from tests.fixtures.ports import free_port
 
 PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 REPO = Path(__file__).resolve().parents[2]
