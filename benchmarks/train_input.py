@@ -4,7 +4,9 @@
 
 Uses the S3 in AWS_ENDPOINT_URL (e.g. under `hybriddit exec --`) or starts a private SeaweedFS on
 loopback. Same model, batch size and train step (trainer.loop.Trainer.train_step) in both arms,
-alternated in rounds so that a busy machine slows both alike. Also measures the checkpoint stall:
+alternated in rounds so that a busy machine slows both alike. Measured twice: with the step on all
+cores but one (as on a GPU node, where the step leaves the CPU cores to the input pipeline) and on
+all cores (what decoding costs where it competes with the step). Also measures the checkpoint stall:
 how long `CheckpointPublisher.save` blocks training vs how long the background upload takes.
 """
 
@@ -57,6 +59,19 @@ def timed_steps(trainer, batches, steps: int) -> tuple[float, float]:
     return time.perf_counter() - started, waited
 
 
+def compare_arms(trainer, streamed, in_memory, *, rounds: int, steps_per_round: int) -> dict[str, tuple[float, float]]:
+    """arm -> (steps/s, fraction of the time spent waiting for data), arms alternated round by round."""
+    timed_steps(trainer, in_memory, 3)  # warm-up: allocator, first-call kernels at this thread count
+    totals = {"stream": [0.0, 0.0], "memory": [0.0, 0.0]}
+    arms = [("stream", streamed), ("memory", in_memory)]
+    for round_index in range(rounds):
+        for arm, batches in arms if round_index % 2 == 0 else arms[::-1]:
+            seconds, waited = timed_steps(trainer, batches, steps_per_round)
+            totals[arm][0] += seconds
+            totals[arm][1] += waited
+    return {arm: (rounds * steps_per_round / seconds, waited / seconds) for arm, (seconds, waited) in totals.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="HybridDiT-tiny")
@@ -64,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=12)
     parser.add_argument("--samples-per-shard", type=int, default=64)
     parser.add_argument("--steps-per-round", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--loader-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode in a DataLoader worker process (data.loader_process)")
     parser.add_argument("--checkpoint-preset", help="model for the checkpoint-stall figure (default: --preset)")
     args = parser.parse_args(argv)
 
@@ -76,34 +93,31 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import TrainJobConfig
     from trainer.loop import Trainer, resolve_dataset
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="hybriddit-bench-") as scratch, s3_bucket(Path(scratch)) as prefix:
         cache = storage.join(prefix, "cache")
         write_tiny_cache(cache, shard_sizes=[args.samples_per_shard] * args.shards)
         config = TrainJobConfig.model_validate(dict(
-            data=dict(uris=[cache], shuffle_window_shards=2, prefetch_shards=2), model=dict(preset=args.preset),
-            batch_size=args.batch_size, epochs=1000, checkpoint=dict(uri=storage.join(prefix, "ckpt"), resume=False)))
+            data=dict(uris=[cache], shuffle_window_shards=2, prefetch_shards=2, loader_process=args.loader_process),
+            model=dict(preset=args.preset), batch_size=args.batch_size, epochs=1000,
+            checkpoint=dict(uri=storage.join(prefix, "ckpt"), resume=False)))
         trainer = Trainer(config, resolve_dataset(config))
         streamed = iter(trainer.data_stream())
-        in_memory_batches = [next(streamed) for _ in range(args.steps_per_round)]
-        in_memory = itertools.cycle(in_memory_batches)
-        timed_steps(trainer, in_memory, 3)  # warm-up: allocator, first-call kernels
-        totals = {"stream": [0.0, 0.0], "memory": [0.0, 0.0]}
-        arms = [("stream", streamed), ("memory", in_memory)]
-        for round_index in range(args.rounds):
-            for arm, batches in arms if round_index % 2 == 0 else arms[::-1]:
-                seconds, waited = timed_steps(trainer, batches, args.steps_per_round)
-                totals[arm][0] += seconds
-                totals[arm][1] += waited
-        steps = args.rounds * args.steps_per_round
-        rate = {arm: steps / seconds for arm, (seconds, _) in totals.items()}
-        print(f"model {args.preset}, global batch {args.batch_size}, {steps} steps per arm, "
-              f"{args.shards} shards x {args.samples_per_shard} samples on {prefix.split('/')[2]} ({cache})")
-        print(f"in memory : {rate['memory']:.3f} steps/s")
-        print(f"S3 stream : {rate['stream']:.3f} steps/s (data wait {totals['stream'][1] / totals['stream'][0]:.1%})")
-        print(f"ratio stream/memory: {rate['stream'] / rate['memory']:.3f} (goal >= 0.97)")
-        # On a shared machine the arms' rates swing with other load; the wait for data is what streaming adds.
-        print(f"ratio implied by the data wait alone: {1 - totals['stream'][1] / totals['stream'][0]:.3f}")
+        in_memory = itertools.cycle([next(streamed) for _ in range(args.steps_per_round)])
+        print(f"model {args.preset}, global batch {args.batch_size}, {args.rounds * args.steps_per_round} steps per "
+              f"arm, {args.shards} shards x {args.samples_per_shard} samples on {prefix.split('/')[2]} ({cache}), "
+              f"decoding in {'a loader process' if args.loader_process else 'threads of the training process'}")
+        # On a GPU node the step runs on the GPU and the CPU cores are free for the input pipeline; a CPU
+        # run leaves one core to it for the same picture. All cores to the step shows what decoding costs.
+        settings = [("all cores but one (as beside a GPU)", cores - 1)] if cores > 1 else []
+        for label, threads in [*settings, ("all cores", cores)]:
+            torch.set_num_threads(threads)
+            rate = compare_arms(trainer, streamed, in_memory, rounds=args.rounds, steps_per_round=args.steps_per_round)
+            print(f"train step on {label}, {threads} thread(s):")
+            print(f"  in memory : {rate['memory'][0]:.3f} steps/s")
+            print(f"  S3 stream : {rate['stream'][0]:.3f} steps/s (data wait {rate['stream'][1]:.1%})")
+            print(f"  ratio stream/memory: {rate['stream'][0] / rate['memory'][0]:.3f} (goal >= 0.97)")
+        streamed.close()
 
         if args.checkpoint_preset and args.checkpoint_preset != args.preset:
             # the preset's architecture at the cache's latent channels and text width

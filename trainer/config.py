@@ -22,7 +22,11 @@ class DataConfig(StrictModel):
     null_text_uri: str | None = Field(None, description="(L, D) .npy for CFG dropout; default: <first cache>/null_text.npy")
     buckets: list[str] | None = Field(None, description="aspect buckets '{h}x{w}' to train on; None = all")
     shuffle_window_shards: int = Field(4, ge=1, description="shards whose samples are shuffled together")
-    prefetch_shards: int = Field(2, ge=0, description="shards read ahead in a background thread")
+    prefetch_shards: int = Field(2, ge=0, description="shards read ahead in background threads")
+    loader_process: bool = Field(
+        True, description="read, decode and collate batches in a separate (spawned) process; false = in the "
+        "training process, in threads")
+    prefetch_batches: int = Field(4, ge=1, description="collated batches the loader process keeps ready")
     fail_on_corrupt: bool = Field(False, description="raise on an unreadable shard/sample instead of skipping it")
 
 

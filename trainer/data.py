@@ -267,18 +267,19 @@ class _ShardLoad:
 
 
 class CacheStream:
-    """One rank's batches of one epoch, from `start_batch` on, with shards read ahead in a thread."""
+    """One rank's batches of one epoch, from `start_batch` on, with shards read ahead in threads.
+
+    Each batch carries `placeholders`: how many of its samples were replaced by a zero-weight
+    placeholder, by reason (the consumer sums them, whichever process built the batch).
+    """
 
     def __init__(self, shards: Sequence[ShardEntry], plan: Sequence[PlannedBatch], *, start_batch: int = 0,
-                 placeholder_text: np.ndarray, prefetch_shards: int = 2, fail_on_corrupt: bool = False,
-                 skipped: Counter[str] | None = None) -> None:
+                 placeholder_text: np.ndarray, prefetch_shards: int = 2, fail_on_corrupt: bool = False) -> None:
         self.shards = list(shards)
         self.plan = list(plan[start_batch:])
         self.prefetch_shards = prefetch_shards
         self.fail_on_corrupt = fail_on_corrupt
         self.placeholder_text = placeholder_text
-        # Samples replaced by a zero-weight placeholder, by reason (summed over epochs by the caller).
-        self.skipped = skipped if skipped is not None else Counter()
 
     def _need_order(self) -> tuple[list[int], Counter[int]]:
         """Shard ids in the order batches first touch them, and how many planned samples each still serves."""
@@ -309,12 +310,13 @@ class CacheStream:
                         shard_id = order[next_to_submit]
                         loads[shard_id] = pool.submit(_ShardLoad, self.shards[shard_id], self.fail_on_corrupt)
                         next_to_submit += 1
-                    samples, weights = [], []
+                    samples, weights, placeholders = [], [], Counter[str]()
                     for shard_id, sample_index in batch.addresses:
                         load = loads[shard_id].result()
                         sample = load.samples.get(sample_index)
                         if sample is None:
                             sample = self._placeholder(shard_id, sample_index, load.missing_reason)
+                            placeholders[load.missing_reason] += 1
                         samples.append(sample)
                         weights.append(0.0 if sample.key == PLACEHOLDER_KEY else 1.0)
                         uses[shard_id] -= 1
@@ -323,6 +325,7 @@ class CacheStream:
                     collated = reader.collate(samples)
                     collated["weights"] = torch.tensor(weights)
                     collated["bucket"] = batch.bucket
+                    collated["placeholders"] = dict(placeholders)
                     yield collated
             finally:
                 for future in loads.values():
@@ -333,7 +336,6 @@ class CacheStream:
         where = f"sample {sample_index} of {entry.uri}"
         if self.fail_on_corrupt:
             raise reader.CorruptCacheError(f"{where}: {reason} (data.fail_on_corrupt=true)")
-        self.skipped[reason] += 1
         logger.warning("skipped %s (%s): trained as a zero-weight placeholder", where, reason)
         height, width = (int(side) for side in entry.bucket.split("x"))
         latent = np.zeros((entry.latent_channels, height, width), np.float32)
@@ -341,35 +343,87 @@ class CacheStream:
 
 
 class TrainingStream:
-    """A rank's batches over epochs, from a saved data position on, tracking the position after each batch."""
+    """A rank's batches over epochs, from a saved data position on, tracking the position after each batch.
+
+    With `loader_process` the batches are read, decoded and collated in a DataLoader worker process
+    (spawned: the training process may hold CUDA and Ray threads), so the training loop's Python
+    never competes with decoding for the GIL; each batch carries its data position and placeholder
+    counts back, and `position`/`skipped` here follow the batches as they are consumed.
+    """
 
     def __init__(self, shards: Sequence[ShardEntry], *, seed: int, rank: int, world_size: int, batch_per_rank: int,
                  window_shards: int, placeholder_text: np.ndarray, prefetch_shards: int = 2,
-                 fail_on_corrupt: bool = False, start: DataPosition | None = None) -> None:
+                 fail_on_corrupt: bool = False, start: DataPosition | None = None, loader_process: bool = False,
+                 prefetch_batches: int = 4) -> None:
         self.shards = list(shards)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_per_rank, self.window_shards = batch_per_rank, window_shards
         self.prefetch_shards, self.fail_on_corrupt = prefetch_shards, fail_on_corrupt
         self.placeholder_text = placeholder_text
+        self.loader_process, self.prefetch_batches = loader_process, prefetch_batches
         self.position = start or DataPosition(0, 0, world_size, batch_per_rank)
+        # Samples replaced by a zero-weight placeholder, by reason.
         self.skipped: Counter[str] = Counter()
 
     def plan(self, epoch: int) -> list[PlannedBatch]:
         return epoch_plan(self.shards, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
                           batch_per_rank=self.batch_per_rank, window_shards=self.window_shards)
 
-    def __iter__(self) -> Iterator[dict]:
+    def produce(self) -> Iterator[dict]:
+        """The batches from `position` on, each tagged with the `data_position` reached once it is trained."""
         epoch = self.position.epoch
         plan = self.plan(epoch)
-        self.position = rescale_position(self.position, self.world_size, self.batch_per_rank, len(plan))
-        start = self.position.batches
+        start = rescale_position(self.position, self.world_size, self.batch_per_rank, len(plan)).batches
         while True:
             stream = CacheStream(self.shards, plan, start_batch=start, prefetch_shards=self.prefetch_shards,
-                                 fail_on_corrupt=self.fail_on_corrupt, placeholder_text=self.placeholder_text,
-                                 skipped=self.skipped)
+                                 fail_on_corrupt=self.fail_on_corrupt, placeholder_text=self.placeholder_text)
             for done, batch in enumerate(stream, start=start + 1):
-                self.position = DataPosition(epoch, done, self.world_size, self.batch_per_rank)
+                batch["data_position"] = DataPosition(epoch, done, self.world_size, self.batch_per_rank).to_json()
                 yield batch
             epoch, start = epoch + 1, 0
             plan = self.plan(epoch)
-            self.position = DataPosition(epoch, 0, self.world_size, self.batch_per_rank)
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.loader_process:
+            yield from self._consume(self.produce())
+            return
+        loader = torch.utils.data.DataLoader(
+            _ProducedBatches(self), batch_size=None, collate_fn=_as_sent, num_workers=1,
+            multiprocessing_context="spawn", prefetch_factor=self.prefetch_batches)
+        batches = iter(loader)
+        try:
+            yield from self._consume(_tensors_from_numpy(batch) for batch in batches)
+        finally:
+            del batches  # shuts the worker process down now rather than at garbage collection
+
+    def _consume(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self.position = DataPosition.from_json(batch.pop("data_position"))
+            self.skipped.update(batch.pop("placeholders"))
+            yield batch
+
+
+class _ProducedBatches(torch.utils.data.IterableDataset):
+    """A TrainingStream's `produce()` as a dataset, for its DataLoader worker process.
+
+    Tensors travel as numpy arrays: pickled through the worker's pipe in one copy, where a tensor
+    would cost a shared-memory file and a file-descriptor round trip to the busy worker each.
+    """
+
+    def __init__(self, stream: TrainingStream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.stream.produce():
+            yield {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
+
+
+def _as_sent(batch: dict) -> dict:
+    """The DataLoader's per-item conversion, turned off: its default would make tensors of the arrays again."""
+    return batch
+
+
+def _tensors_from_numpy(batch: dict) -> dict:
+    return {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+            for name, value in batch.items()}

@@ -248,7 +248,8 @@ class Trainer:
             world_size=self.context.world_size, batch_per_rank=config.batch_per_rank,
             window_shards=config.data.shuffle_window_shards, placeholder_text=self._placeholder_text(),
             prefetch_shards=config.data.prefetch_shards, fail_on_corrupt=config.data.fail_on_corrupt,
-            start=self.position)
+            start=self.position, loader_process=config.data.loader_process,
+            prefetch_batches=config.data.prefetch_batches)
 
     # ----------------------------------------------------------------------- one step
 
@@ -286,28 +287,31 @@ class Trainer:
         stats = StepStats()
         last: dict[str, float] = {}
         steps_this_run = 0
-        while self.step < self.total_steps:
-            waited = time.perf_counter()
-            batch = next(batches)
-            stats.data_seconds += time.perf_counter() - waited
-            loss, grad_norm = self.train_step(batch)
-            self.step += 1
-            steps_this_run += 1
-            stats.steps += 1
-            stats.loss += loss
-            self.position = stream.position
-            finished = self.step == self.total_steps
-            if self.step % self.config.report_every == 0 or finished:
-                last = self._report(stats, grad_norm, stream)
-                stats = StepStats()
-            if self.config.validation.enabled and (self.step % self.config.validation.every_steps == 0 or finished):
-                last = {**last, **self.validate()}
-            if self.step % self.config.checkpoint.every_steps == 0 or finished:
-                self.save(stream)
-            if self.config.samples.enabled and (self.step % self.config.samples.every_steps == 0 or finished):
-                self.sample_grid()
-            if self.stop_after is not None and steps_this_run >= self.stop_after and not finished:
-                break
+        try:
+            while self.step < self.total_steps:
+                waited = time.perf_counter()
+                batch = next(batches)
+                stats.data_seconds += time.perf_counter() - waited
+                loss, grad_norm = self.train_step(batch)
+                self.step += 1
+                steps_this_run += 1
+                stats.steps += 1
+                stats.loss += loss
+                self.position = stream.position
+                finished = self.step == self.total_steps
+                if self.step % self.config.report_every == 0 or finished:
+                    last = self._report(stats, grad_norm, stream)
+                    stats = StepStats()
+                if self.config.validation.enabled and (self.step % self.config.validation.every_steps == 0 or finished):
+                    last = {**last, **self.validate()}
+                if self.step % self.config.checkpoint.every_steps == 0 or finished:
+                    self.save(stream)
+                if self.config.samples.enabled and (self.step % self.config.samples.every_steps == 0 or finished):
+                    self.sample_grid()
+                if self.stop_after is not None and steps_this_run >= self.stop_after and not finished:
+                    break
+        finally:
+            batches.close()  # stops the loader process now, not at garbage collection
         self.publisher.wait()
         return {**last, "step": self.step, "samples_skipped": self._skipped(stream),
                 "reported_losses": self.reported_losses,

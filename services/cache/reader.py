@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from services import storage
 from services.cache import layout
 from services.cache.schema import CacheFormatError, CacheSample, decode_sample, npy_array
+from services.cache.tar_members import TarMembers
 
 logger = logging.getLogger(__name__)
 
@@ -62,50 +63,26 @@ class _ShardList(torch.utils.data.IterableDataset):
             yield shard_index, self.uris[shard_index]
 
 
-class _EndOfArchiveCheck:
-    """Reads a tar stream through, remembering its tail to tell a complete archive from a cut one."""
-
-    _END_BLOCKS = 1024  # a tar ends with two zeroed 512-byte blocks
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.size = 0
-        self.tail = b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.size += len(data)
-        self.tail = (self.tail + data)[-self._END_BLOCKS :]
-        return data
-
-    def is_complete(self) -> bool:
-        # Python's tarfile reads a cut archive without complaint, so check the end marker ourselves.
-        while self.read(1 << 20):
-            pass
-        return self.size % 512 == 0 and self.tail == bytes(self._END_BLOCKS)
-
-
 def _read_shards(shards: Iterator[tuple[int, str]], handler: SkipCounter) -> Iterator[CacheSample]:
-    """Every decodable sample of each shard, tagged with (shard index, sample index in the shard)."""
+    """Every decodable sample of each shard, tagged with (shard index, sample index in the shard).
+
+    A shard is fetched whole with one request (shards are at most `max_shard_bytes`, 128 MiB by
+    default) and its samples are decoded from views into that buffer.
+    """
     for shard_index, uri in shards:
         try:
-            with storage.open_uri(uri, "rb") as stream:
-                archive = _EndOfArchiveCheck(stream)
-                members = ({**member, "__url__": uri} for member in tar_file_iterator(archive))
-                for sample_index, raw in enumerate(group_by_keys(members)):
-                    try:
-                        sample = decode_sample(raw)
-                    except CacheFormatError as error:
-                        handler("corrupt_sample", f"sample {sample_index} of {uri}", error)
-                        continue
-                    sample.position = (shard_index, sample_index)
-                    yield sample
-                if not archive.is_complete():
-                    handler(
-                        "truncated_shard",
-                        uri,
-                        EOFError(f"no end-of-archive marker after {archive.size} bytes"),
-                    )
+            archive = TarMembers(memoryview(storage.read_bytes(uri)))
+            members = ({"fname": name, "data": data, "__url__": uri} for name, data in archive)
+            for sample_index, raw in enumerate(group_by_keys(members)):
+                try:
+                    sample = decode_sample(raw)
+                except CacheFormatError as error:
+                    handler("corrupt_sample", f"sample {sample_index} of {uri}", error)
+                    continue
+                sample.position = (shard_index, sample_index)
+                yield sample
+            if not archive.complete:
+                handler("truncated_shard", uri, EOFError(f"no end-of-archive marker in {len(archive.data)} bytes"))
         except CorruptCacheError:
             raise
         except FileNotFoundError as error:

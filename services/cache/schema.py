@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,16 +45,50 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def npy_array(data: bytes, where: str) -> np.ndarray:
-    """.npy file bytes -> array, refusing pickles; `where` names the file in the error."""
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of an .npy header; cached because a cache repeats a few headers."""
+    version = (header[6], header[7])
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    stream = io.BytesIO(header)
+    np.lib.format.read_magic(stream)
+    return read(stream)
+
+
+def npy_view(data: bytes | memoryview, where: str) -> np.ndarray:
+    """.npy file bytes -> a read-only array over the same memory, refusing pickles; `where` names the file."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        if bytes(data[:6]) != _NPY_MAGIC:
+            raise ValueError("no .npy magic string")
+        version = (data[6], data[7])
+        if version == (1, 0):
+            end = 10 + int.from_bytes(data[8:10], "little")
+        elif version in ((2, 0), (3, 0)):
+            end = 12 + int.from_bytes(data[8:12], "little")
+        else:
+            raise ValueError(f"unknown .npy version {version}")
+        shape, fortran_order, dtype = _npy_header(bytes(data[:end]))
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects (a pickle)")
+        count = math.prod(shape)
+        if len(data) - end != count * dtype.itemsize:
+            raise ValueError(f"{len(data) - end} data bytes for shape {shape} of {dtype}")
+        flat = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+        return flat.reshape(shape[::-1]).transpose() if fortran_order else flat.reshape(shape)
     except Exception as exc:
         raise CacheFormatError(f"{where} is not a readable .npy array ({exc})") from exc
 
 
+def npy_array(data: bytes | memoryview, where: str) -> np.ndarray:
+    """.npy file bytes -> a writable array of its own, refusing pickles; `where` names the file in the error."""
+    return npy_view(data, where).copy()
+
+
 def _load_npy(raw: dict[str, Any], name: str) -> np.ndarray:
-    return npy_array(raw[name], f"{_where(raw)}: {name}")
+    return npy_view(raw[name], f"{_where(raw)}: {name}")
 
 
 def _where(raw: dict[str, Any]) -> str:
@@ -170,7 +206,7 @@ def _decode_text(raw: dict[str, Any]) -> np.ndarray:
 
 
 def decode_sample(raw: dict[str, Any]) -> CacheSample:
-    """A raw WebDataset sample (bytes per file) -> `CacheSample`; also reads the reference layout."""
+    """A raw WebDataset sample (bytes or memoryview per file) -> `CacheSample`; also reads the reference layout."""
     latent_name = "latent.npy" if "latent.npy" in raw else "latents.npy"
     missing = [name for name in (latent_name, "text.npy", "caption.txt", "meta.json") if name not in raw]
     if missing:
@@ -179,8 +215,8 @@ def decode_sample(raw: dict[str, Any]) -> CacheSample:
             f"{_where(raw)}: missing {', '.join(missing)} (has {', '.join(present) or 'nothing'})"
         )
     try:
-        caption = raw["caption.txt"].decode("utf-8")
-        meta = json.loads(raw["meta.json"])
+        caption = bytes(raw["caption.txt"]).decode("utf-8")
+        meta = json.loads(bytes(raw["meta.json"]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CacheFormatError(
             f"{_where(raw)}: caption.txt or meta.json is not valid utf-8/JSON ({exc})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from services.cache.reader import CorruptCacheError
 from tests.trainer.tiny_cache import TEXT_DIM, write_reference_shard, write_tiny_cache
@@ -83,12 +84,33 @@ def test_a_position_saved_at_the_end_of_an_epoch_resumes_at_the_next_epoch(cache
     assert [batch["keys"] for batch in resumed] == uninterrupted[steps:]
 
 
-def test_a_corrupt_shard_becomes_counted_zero_weight_placeholders(cache, tmp_path):
+def test_a_loader_process_yields_the_same_batches_and_positions_as_threads(cache):
+    shards = index_shards([cache[0]])
+    steps = len(stream(shards).plan(0)) + 3  # into the next epoch
+    runs = {}
+    for loader_process in (False, True):
+        training_stream = stream(shards, start=DataPosition(0, 2, 1, 4), loader_process=loader_process)
+        runs[loader_process] = []
+        for batch in iter(training_stream):
+            runs[loader_process].append((batch, training_stream.position))
+            if len(runs[loader_process]) == steps:
+                break
+    for (threaded, position), (from_process, process_position) in zip(runs[False], runs[True], strict=True):
+        assert position == process_position
+        assert threaded["keys"] == from_process["keys"] and threaded["bucket"] == from_process["bucket"]
+        for name in ("latent", "text", "text_mask", "weights"):
+            assert isinstance(from_process[name], torch.Tensor)
+            assert torch.equal(threaded[name], from_process[name]), name
+    assert runs[True][-1][1] == DataPosition(1, 5, 1, 4)  # started at batch 2: epoch 0 gave steps - 5
+
+
+@pytest.mark.parametrize("loader_process", [False, True], ids=["threads", "loader-process"])
+def test_a_corrupt_shard_becomes_counted_zero_weight_placeholders(cache, loader_process):
     shards = index_shards([cache[0]])
     with open(shards[1].uri, "r+b") as handle:  # garble the tar from byte 700 on
         handle.seek(700)
         handle.write(b"\xff" * 4000)
-    training_stream = stream(shards)
+    training_stream = stream(shards, loader_process=loader_process)
     batches = take(training_stream, len(training_stream.plan(0)))
     placeholders = sum(key == PLACEHOLDER_KEY for batch in batches for key in batch["keys"])
     zero_weights = sum(int((batch["weights"] == 0).sum()) for batch in batches)
@@ -97,12 +119,13 @@ def test_a_corrupt_shard_becomes_counted_zero_weight_placeholders(cache, tmp_pat
     assert set(training_stream.skipped) <= {"unreadable_shard", "corrupt_sample"}
 
 
-def test_a_corrupt_shard_fails_fast_when_configured(cache):
+@pytest.mark.parametrize("loader_process", [False, True], ids=["threads", "loader-process"])
+def test_a_corrupt_shard_fails_fast_when_configured(cache, loader_process):
     shards = index_shards([cache[0]])
     with open(shards[0].uri, "r+b") as handle:
         handle.seek(700)
         handle.write(b"\xff" * 4000)
-    training_stream = stream(shards, fail_on_corrupt=True)
+    training_stream = stream(shards, fail_on_corrupt=True, loader_process=loader_process)
     with pytest.raises(CorruptCacheError, match=shards[0].uri):
         take(training_stream, len(training_stream.plan(0)))
 
