@@ -21,15 +21,30 @@ class EncoderStageConfig(StrictModel):
     tiny: bool = Field(default=False, description="seeded random tiny weights (tests), not the real model")
     options: dict[str, Any] = Field(default_factory=dict, description="the registry's options for this model")
     batch_size: int = Field(default=16, ge=1, description="samples per encoder call")
-    concurrency: int = Field(default=1, ge=1, description="actors in the pool")
+    concurrency: int = Field(default=1, ge=1, description="actors in the pool (its minimum when autoscaling)")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="autoscale the pool up to this many actors while work is queued and the "
+        "cluster has room (e.g. as GPU nodes join); None = a fixed pool of `concurrency`",
+    )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor; > 0 runs the encoder on CUDA")
     # Fractional by default: on a 2-CPU node, pools that take every CPU starve the read tasks (deadlock).
     num_cpus: float = Field(default=0.5, gt=0, description="CPUs per actor")
     dtype: EncoderDtype = Field(default="bfloat16", description="compute dtype on CUDA; CPU always runs float32")
 
+    @model_validator(mode="after")
+    def _pool_range_is_ordered(self) -> EncoderStageConfig:
+        if self.max_concurrency is not None and self.max_concurrency < self.concurrency:
+            raise ValueError(f"max_concurrency ({self.max_concurrency}) must be >= concurrency ({self.concurrency})")
+        return self
+
     @property
     def device(self) -> str:
         return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def pool_size(self) -> int | tuple[int, int]:
+        """Ray Data's `concurrency`: a fixed actor count, or the (min, max) range of an autoscaling pool."""
+        return self.concurrency if self.max_concurrency is None else (self.concurrency, self.max_concurrency)
 
 
 class CodecStageConfig(EncoderStageConfig):

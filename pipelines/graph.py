@@ -42,11 +42,11 @@ def build_dataset(job: EncodeJobConfig, units: list[InputUnit], card: EncoderCar
     dataset = dataset.flat_map(read_unit, fn_kwargs={"job": job}, num_cpus=job.read.num_cpus)
     dataset = dataset.map_batches(
         ImageEncoderActor, fn_constructor_kwargs={"stage": codec}, batch_size=codec.batch_size,
-        batch_format="pyarrow", concurrency=codec.concurrency, num_cpus=codec.num_cpus, num_gpus=codec.num_gpus,
+        batch_format="pyarrow", concurrency=codec.pool_size, num_cpus=codec.num_cpus, num_gpus=codec.num_gpus,
     )  # fmt: skip
     dataset = dataset.map_batches(
         TextEncoderActor, fn_constructor_kwargs={"stage": text}, batch_size=text.batch_size,
-        batch_format="pyarrow", concurrency=text.concurrency, num_cpus=text.num_cpus, num_gpus=text.num_gpus,
+        batch_format="pyarrow", concurrency=text.pool_size, num_cpus=text.num_cpus, num_gpus=text.num_gpus,
     )  # fmt: skip
     return dataset.map_batches(
         ShardFragmentWriter,

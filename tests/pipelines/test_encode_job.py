@@ -115,8 +115,9 @@ def test_laion_rows_against_a_misbehaving_http_server_are_counted_by_reason(ray_
 def test_bad_inputs_are_counted_by_reason_and_never_crash_a_worker(ray_cluster, s3_server, tmp_path):
     expected = make_bad_input_corpus(tmp_path / "bad")
     out = s3_server.uri("caches/bad-inputs")
+    # The codec runs as an autoscaling pool (1 to 2 actors) here: the same accounting must hold.
     summary = run_job(ray_cluster, encode_args({"kind": "folder", "root": str(tmp_path / "bad"),
-                                                "files_per_unit": 5}, out))  # fmt: skip
+                                                "files_per_unit": 5}, out, "--set", "codec.max_concurrency=2"))  # fmt: skip
     reasons = dict(sorted(Counter(reason for reason in expected.values() if reason).items()))
     assert summary["failures"] == reasons and summary["units_failed"] == {}
     assert sum(sum(progress.failures.values()) for progress in list_progress(out)) == sum(reasons.values())

@@ -297,3 +297,11 @@ def test_entry_point_names_the_bad_field_and_exits_2_before_starting_ray(tmp_pat
 
     code = main(["--config", str(REPO / "configs/encode/folder-taef2-minilm.yaml"), "--set", "codec.batch_size=0"])
     assert code == 2 and "codec.batch_size" in capsys.readouterr().err
+
+
+def test_an_encoder_pool_is_fixed_or_autoscales_within_an_ordered_range(tmp_path):
+    assert job_config(tmp_path, tmp_path / "out", codec={"concurrency": 2}).codec.pool_size == 2
+    autoscaling = job_config(tmp_path, tmp_path / "out", text={"concurrency": 1, "max_concurrency": 4})
+    assert autoscaling.text.pool_size == (1, 4)
+    with pytest.raises(ValueError, match=r"max_concurrency \(1\) must be >= concurrency \(2\)"):
+        job_config(tmp_path, tmp_path / "out", codec={"concurrency": 2, "max_concurrency": 1})
