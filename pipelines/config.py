@@ -85,6 +85,19 @@ class OutputConfig(StrictModel):
     writer_num_cpus: float = Field(default=0.25, gt=0, description="CPUs per writer actor")
 
 
+class PartitionConfig(StrictModel):
+    """This job's share of the selected units, so that `count` jobs can encode one corpus into one cache."""
+
+    index: int = Field(ge=0, description="this job's partition, 0-based")
+    count: int = Field(ge=1, description="how many jobs share the units (every count-th unit from index)")
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> PartitionConfig:
+        if self.index >= self.count:
+            raise ValueError(f"partition.index ({self.index}) must be < partition.count ({self.count})")
+        return self
+
+
 class EncodeJobConfig(StrictModel):
     """`pipelines/encode_latents.py`: an image+caption corpus -> the latent cache the trainer reads."""
 
@@ -96,6 +109,9 @@ class EncodeJobConfig(StrictModel):
     output: OutputConfig
     units: list[str] | None = Field(default=None, description="only units whose names match these glob patterns")
     limit: int | None = Field(default=None, ge=0, description="at most this many units (partial runs)")
+    partition: PartitionConfig | None = Field(
+        default=None, description="run only this job's share of the selected units; None = all of them",
+    )
     overwrite: bool = Field(default=False, description="redo units that already finished")
     progress_bar: bool = True
 

@@ -11,6 +11,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -62,8 +63,15 @@ class JobSummary(BaseModel):
 
 
 def selected_units(job: EncodeJobConfig) -> list[InputUnit]:
-    """The source's units, filtered by `units` patterns and capped by `limit`."""
+    """The source's units, filtered by `units` patterns and capped by `limit` (every partition's together)."""
     return select_units(build_source(job.source).list_units(), include=job.units, limit_units=job.limit)
+
+
+def partition_units(job: EncodeJobConfig, selection: list[InputUnit]) -> list[InputUnit]:
+    """This job's share of the selection (all of it without `partition`)."""
+    if job.partition is None:
+        return selection
+    return select_units(selection, shard_index=job.partition.index, num_shards=job.partition.count)
 
 
 def check_cache_matches(job: EncodeJobConfig, card: EncoderCard) -> None:
@@ -119,16 +127,30 @@ def plan_units(job: EncodeJobConfig, units: list[InputUnit]) -> tuple[list[Input
     return to_run, done
 
 
+def _finished(progresses: list[UnitProgress]) -> set[tuple[str, datetime]]:
+    return {(progress.unit, progress.finished_at) for progress in progresses}
+
+
 def publish_manifest(job: EncodeJobConfig, card: EncoderCard) -> CacheManifest:
-    """The dataset card over every finished unit in the cache (this run's and earlier ones)."""
-    manifest = build_manifest(
-        job.output.uri, codec=card.codec, latent_channels=card.latent_channels, latent_scale=card.latent_scale,
-        latent_shift=card.latent_shift, latent_dtype=job.output.latent_dtype, text_encoder=card.text_encoder,
-        text_dim=card.text_dim, text_max_len=card.text_max_len, text_dtype=job.text.storage_dtype,
-        job_config=job.model_dump(mode="json"), progresses=list_progress(job.output.uri),
-    )  # fmt: skip
-    write_manifest(job.output.uri, manifest)
-    return manifest
+    """The dataset card over every finished unit in the cache (this run's, earlier ones, other partitions').
+
+    Jobs sharing a cache may publish at the same time, and the last write wins: after writing, the
+    progress records are listed again and the card rewritten until it covers all of them, so the
+    last card written never misses a unit that finished before it.
+    """
+    progresses = list_progress(job.output.uri)
+    while True:
+        manifest = build_manifest(
+            job.output.uri, codec=card.codec, latent_channels=card.latent_channels, latent_scale=card.latent_scale,
+            latent_shift=card.latent_shift, latent_dtype=job.output.latent_dtype, text_encoder=card.text_encoder,
+            text_dim=card.text_dim, text_max_len=card.text_max_len, text_dtype=job.text.storage_dtype,
+            job_config=job.model_dump(mode="json"), progresses=progresses,
+        )  # fmt: skip
+        write_manifest(job.output.uri, manifest)
+        latest = list_progress(job.output.uri)
+        if _finished(latest) == _finished(progresses):
+            return manifest
+        progresses = latest
 
 
 def run_encode(
@@ -141,11 +163,12 @@ def run_encode(
 ) -> JobSummary:
     """Plan, run `execute` over the units still to do, record each unit as it completes, publish the manifest."""
     started = time.monotonic()
-    units = selected_units(job) if units is None else units
+    selection = selected_units(job) if units is None else units
+    units = partition_units(job, selection)
     check_cache_matches(job, card)
     to_run, done = plan_units(job, units)
     write_null_text(job.output.uri, card.null_text)
-    write_plan(job.output.uri, [unit.name for unit in units])
+    write_plan(job.output.uri, [unit.name for unit in selection])  # the same plan from every partition
     logger.info("%d units selected, %d already finished, %d to run", len(units), len(done), len(to_run))
     ledger = UnitLedger(to_run)
     bar = tqdm(total=len(to_run), unit="unit", desc="encode", disable=not job.progress_bar, mininterval=2.0)

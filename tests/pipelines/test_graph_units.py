@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,12 @@ from pipelines.actors import (
     unit_row,
 )
 from pipelines.config import EncodeJobConfig
-from pipelines.job import delete_stale_shards, selected_units
+from pipelines.job import delete_stale_shards, run_encode, selected_units
 from pipelines.ledger import UnitLedger
-from pipelines.local_loop import run_local
+from pipelines.local_loop import LocalEncoder, run_local
 from pipelines.preprocess import PreprocessConfig
 from pipelines.sources.base import InputUnit, RawSample
-from services.cache.manifest import read_manifest, read_progress, shard_uris
+from services.cache.manifest import list_progress, read_manifest, read_plan, read_progress, shard_uris
 from services.cache.reader import SkipCounter, cache_dataset
 from services.cache.schema import npy_array, npy_bytes
 from services.config import ConfigError, load_config
@@ -52,7 +53,7 @@ def job_config(root: Path, out: Path, **changes) -> EncodeJobConfig:
         "progress_bar": False,
     }
     for key, value in changes.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return EncodeJobConfig.model_validate(data)
 
 
@@ -305,3 +306,22 @@ def test_an_encoder_pool_is_fixed_or_autoscales_within_an_ordered_range(tmp_path
     assert autoscaling.text.pool_size == (1, 4)
     with pytest.raises(ValueError, match=r"max_concurrency \(1\) must be >= concurrency \(2\)"):
         job_config(tmp_path, tmp_path / "out", codec={"concurrency": 2, "max_concurrency": 1})
+
+
+def test_partitioned_jobs_share_one_corpus_and_the_last_manifest_covers_every_unit(folder, tmp_path):
+    out = tmp_path / "out"
+    jobs = [job_config(folder, out, partition={"index": index, "count": 2}) for index in range(2)]
+    encoders = [LocalEncoder(job) for job in jobs]  # built here: transformers' lazy imports are not thread-safe
+    with ThreadPoolExecutor(2) as pool:  # both publish their manifests at about the same time
+        summaries = list(pool.map(lambda job, encoder: run_encode(job, encoder.card, encoder.execute), jobs, encoders))
+    names = [unit.name for unit in selected_units(jobs[0])]
+    assert [summary.units_finished for summary in summaries] == [2, 1]  # units 0, 2 and unit 1
+    assert read_plan(str(out)).units == names
+    assert sorted(progress.unit for progress in list_progress(str(out))) == sorted(names)
+    assert read_manifest(str(out)).num_samples == 7
+    assert sorted(sample.key for sample in cached_samples(out)) == sorted(path.stem for path in folder.glob("*.jpg"))
+
+
+def test_a_partition_index_outside_the_count_is_refused(folder, tmp_path):
+    with pytest.raises(ValueError, match=r"partition.index \(2\) must be < partition.count \(2\)"):
+        job_config(folder, tmp_path / "out", partition={"index": 2, "count": 2})
