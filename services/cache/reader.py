@@ -63,32 +63,38 @@ class _ShardList(torch.utils.data.IterableDataset):
             yield shard_index, self.uris[shard_index]
 
 
-def _read_shards(shards: Iterator[tuple[int, str]], handler: SkipCounter) -> Iterator[CacheSample]:
-    """Every decodable sample of each shard, tagged with (shard index, sample index in the shard).
+def read_shard(uri: str, handler: SkipCounter) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(sample index, files of the sample) for each sample of one shard, undecoded.
 
-    A shard is fetched whole with one request (shards are at most `max_shard_bytes`, 128 MiB by
-    default) and its samples are decoded from views into that buffer.
+    The shard is fetched whole with one request (shards are at most `max_shard_bytes`, 128 MiB by
+    default) and the files are views into that buffer. A missing, garbled or cut shard is reported
+    to `handler` by reason; the samples before a garbled or cut point are still yielded.
     """
+    try:
+        archive = TarMembers(memoryview(storage.read_bytes(uri)))
+        members = ({"fname": name, "data": data, "__url__": uri} for name, data in archive)
+        yield from enumerate(group_by_keys(members))
+        if not archive.complete:
+            handler("truncated_shard", uri, EOFError(f"no end-of-archive marker in {len(archive.data)} bytes"))
+    except CorruptCacheError:
+        raise
+    except FileNotFoundError as error:
+        handler("missing_shard", uri, error)
+    except Exception as error:  # a garbled tar: the rest of the shard is lost
+        handler("unreadable_shard", uri, error)
+
+
+def _read_shards(shards: Iterator[tuple[int, str]], handler: SkipCounter) -> Iterator[CacheSample]:
+    """Every decodable sample of each shard, tagged with (shard index, sample index in the shard)."""
     for shard_index, uri in shards:
-        try:
-            archive = TarMembers(memoryview(storage.read_bytes(uri)))
-            members = ({"fname": name, "data": data, "__url__": uri} for name, data in archive)
-            for sample_index, raw in enumerate(group_by_keys(members)):
-                try:
-                    sample = decode_sample(raw)
-                except CacheFormatError as error:
-                    handler("corrupt_sample", f"sample {sample_index} of {uri}", error)
-                    continue
-                sample.position = (shard_index, sample_index)
-                yield sample
-            if not archive.complete:
-                handler("truncated_shard", uri, EOFError(f"no end-of-archive marker in {len(archive.data)} bytes"))
-        except CorruptCacheError:
-            raise
-        except FileNotFoundError as error:
-            handler("missing_shard", uri, error)
-        except Exception as error:  # a garbled tar: the rest of the shard is lost
-            handler("unreadable_shard", uri, error)
+        for sample_index, raw in read_shard(uri, handler):
+            try:
+                sample = decode_sample(raw)
+            except CacheFormatError as error:
+                handler("corrupt_sample", f"sample {sample_index} of {uri}", error)
+                continue
+            sample.position = (shard_index, sample_index)
+            yield sample
 
 
 def cache_dataset(

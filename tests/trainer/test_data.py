@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from webdataset import TarWriter
 
 from services.cache.reader import CorruptCacheError
-from tests.trainer.tiny_cache import TEXT_DIM, write_reference_shard, write_tiny_cache
+from services.cache.schema import encode_sample
+from tests.trainer.tiny_cache import TEXT_DIM, class_sample, write_reference_shard, write_tiny_cache
 from trainer.data import (
     PLACEHOLDER_KEY,
     DataPosition,
@@ -128,6 +132,24 @@ def test_a_corrupt_shard_fails_fast_when_configured(cache, loader_process):
     training_stream = stream(shards, fail_on_corrupt=True, loader_process=loader_process)
     with pytest.raises(CorruptCacheError, match=shards[0].uri):
         take(training_stream, len(training_stream.plan(0)))
+
+
+def test_samples_whose_shapes_do_not_fit_their_bucket_become_counted_placeholders(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [class_sample(f"k{i}", i % 4, rng) for i in range(8)]
+    samples[2] = class_sample("k2", 2, rng, side=4)  # a 4x4 latent in the 8x8 bucket
+    samples[5].text = np.ones((2, TEXT_DIM // 2), np.float32)  # another text encoder's width
+    buffer = io.BytesIO()
+    with TarWriter(buffer, encoder=False) as tar:
+        for sample in samples:
+            tar.write(encode_sample(sample, latent_dtype="fp16", text_dtype="fp16"))
+    (tmp_path / "000.tar").write_bytes(buffer.getvalue())
+    training_stream = stream(index_shards([str(tmp_path / "000.tar")]))
+    batches = take(training_stream, 2)
+    keys = sorted(key for batch in batches for key in batch["keys"])
+    assert keys == sorted([PLACEHOLDER_KEY] * 2 + [f"k{i}" for i in (0, 1, 3, 4, 6, 7)])
+    assert all(batch["latent"].shape[1:] == (4, 8, 8) for batch in batches)
+    assert training_stream.skipped == {"corrupt_sample": 2}
 
 
 def test_shards_in_the_reference_layout_are_indexed_and_streamed(tmp_path):
