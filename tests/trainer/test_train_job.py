@@ -102,6 +102,39 @@ def test_a_killed_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
     assert resumed["replica_fingerprints"] == pytest.approx(uninterrupted["replica_fingerprints"], rel=1e-6)
 
 
+def train_worker_processes() -> list[psutil.Process]:
+    return [process for process in psutil.process_iter(["cmdline"])
+            if (process.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+
+
+@pytest.mark.slow
+def test_a_training_worker_killed_mid_run_is_replaced_and_the_run_ends_like_an_uninterrupted_one(
+        ray_cluster, s3_server, s3_cache, uninterrupted):
+    # As when a node dies: Ray Train restarts the worker group (max_failures) and every rank resumes
+    # from the latest complete checkpoint, within the same job.
+    checkpoints = s3_server.uri("trainer-tests", "worker-killed", "checkpoints")
+    argv = train_argv(s3_cache, checkpoints) + ["--set", "scaling.max_failures=1"]
+    job = subprocess.Popen(ray_cluster.submit_command(argv), cwd=REPO, env=ray_cluster.env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not storage.exists(storage.join(checkpoints, LATEST)):
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.5)
+        workers = train_worker_processes()
+        assert len(workers) == 2, [worker.info["cmdline"] for worker in workers]
+        workers[-1].send_signal(signal.SIGKILL)
+        output, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, output[-3000:]
+    assert re.search(r"resumed from \S+ at step (\d+)", output), output[-3000:]
+    resumed = summary_of(output)
+    assert resumed["step"] == STEPS
+    assert resumed["replica_fingerprints"] == pytest.approx(uninterrupted["replica_fingerprints"], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_the_train_job_trains_on_a_cache_written_by_the_encode_job(ray_cluster, s3_server, tmp_path):
     from services.cache.manifest import read_manifest
