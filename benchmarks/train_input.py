@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=12)
     parser.add_argument("--samples-per-shard", type=int, default=64)
     parser.add_argument("--steps-per-round", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--loader-process", action=argparse.BooleanOptionalAction, default=True,
                         help="decode in a DataLoader worker process (data.loader_process)")
     parser.add_argument("--checkpoint-preset", help="model for the checkpoint-stall figure (default: --preset)")
