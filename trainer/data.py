@@ -256,7 +256,7 @@ class _ShardLoad:
     """One shard's samples, kept undecoded (views into the fetched shard) until a batch takes them.
 
     Held in that form, a shuffle window costs the shards' bytes rather than their float32 arrays
-    (for int8 text about a fifth of the memory).
+    (for int8 text about a quarter of the memory).
     """
 
     def __init__(self, entry: ShardEntry, fail_on_corrupt: bool) -> None:
