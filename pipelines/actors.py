@@ -26,7 +26,7 @@ from pipelines.preprocess import PreprocessConfig, SampleRejected, prepare_image
 from pipelines.sources import build_source
 from pipelines.sources.base import InputUnit, RawSample
 from services.cache.names import safe_stem
-from services.cache.schema import CacheSample, npy_array, npy_bytes
+from services.cache.schema import CacheSample, npy_bytes, npy_view
 from services.cache.writer import UnitShardWriter
 from services.encoders import Codec, TextEncoder, build_codec, build_text_encoder
 
@@ -228,7 +228,7 @@ class ImageEncoderActor(ArrowStage):
         by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
             if row["kind"] == SAMPLE:
-                by_shape[npy_array(row["pixels"], f"pixels of {row['key']}").shape].append(row)
+                by_shape[npy_view(row["pixels"], f"pixels of {row['key']}").shape].append(row)
         for same_shape in by_shape.values():
             for chunk in _chunks(same_shape, self.batch_size):
                 _encode_or_drop(chunk, self._encode, CODEC_ERROR, f"codec {self.codec.spec.name}")
@@ -236,7 +236,7 @@ class ImageEncoderActor(ArrowStage):
         return rows
 
     def _encode(self, rows: list[dict[str, Any]]) -> None:
-        pixels = np.stack([npy_array(row["pixels"], f"pixels of {row['key']}") for row in rows])  # (B, H, W, 3)
+        pixels = np.stack([npy_view(row["pixels"], f"pixels of {row['key']}") for row in rows])  # (B, H, W, 3)
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
         latents = self.codec.encode(images).cpu().numpy()
         for row, latent in zip(rows, latents, strict=True):
@@ -332,8 +332,8 @@ class ShardFragmentWriter:
         where = f"sample {row['key']} of unit {row['unit']}"
         return CacheSample(
             key=row["key"],
-            latent=npy_array(row["latent"], f"latent of {where}"),
-            text=npy_array(row["text"], f"text of {where}"),
+            latent=npy_view(row["latent"], f"latent of {where}"),
+            text=npy_view(row["text"], f"text of {where}"),
             caption=row["caption"],
             meta={**json.loads(row["meta"]), **self.encoder_ids},
         )

@@ -48,6 +48,10 @@ class ShardEntry:
     num_samples: int
     latent_channels: int
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.latent_channels, *layout.bucket_size(self.bucket)
+
 
 @dataclass(frozen=True)
 class PlannedBatch:
@@ -338,7 +342,7 @@ class CacheStream:
             return self._placeholder(shard_id, sample_index, load.missing_reason, None), load.missing_reason
         try:
             sample = decode_sample(raw)
-            expected = _latent_shape(self.shards[shard_id])
+            expected = self.shards[shard_id].latent_shape
             if sample.latent.shape != expected or sample.text.shape[1] != self.placeholder_text.shape[1]:
                 raise CacheFormatError(
                     f"latent {sample.latent.shape} and text width {sample.text.shape[1]} do not match the shard's "
@@ -354,12 +358,7 @@ class CacheStream:
             raise reader.CorruptCacheError(f"{where}: {reason} (data.fail_on_corrupt=true)") from error
         logger.warning("skipped %s (%s%s): trained as a zero-weight placeholder", where, reason,
                        f": {error}" if error else "")
-        return CacheSample(PLACEHOLDER_KEY, np.zeros(_latent_shape(entry), np.float32), self.placeholder_text, "", {})
-
-
-def _latent_shape(entry: ShardEntry) -> tuple[int, int, int]:
-    height, width = (int(side) for side in entry.bucket.split("x"))
-    return entry.latent_channels, height, width
+        return CacheSample(PLACEHOLDER_KEY, np.zeros(entry.latent_shape, np.float32), self.placeholder_text, "", {})
 
 
 class TrainingStream:

@@ -18,6 +18,7 @@ from torch import nn
 
 from services import storage
 from services.cache import layout, manifest, reader
+from services.cache.schema import npy_view
 from trainer import checkpoint as ckpt
 from trainer.config import TrainJobConfig
 from trainer.data import DataPosition, ShardEntry, TrainingStream, index_shards, select_buckets, split_holdout
@@ -74,7 +75,7 @@ def resolve_dataset(config: TrainJobConfig) -> Dataset:
     card = _first_cache_card(data.uris)
     null_text = None
     if data.null_text_uri is not None:
-        null_text = reader.npy_array(storage.read_bytes(data.null_text_uri), data.null_text_uri).astype(np.float32)
+        null_text = npy_view(storage.read_bytes(data.null_text_uri), data.null_text_uri).astype(np.float32)
     elif card is not None:
         null_text = reader.load_null_text(next(u for u in data.uris if not u.endswith(".tar")))
     if null_text is None and config.cfg_dropout > 0:

@@ -17,6 +17,12 @@ def bucket_name(height: int, width: int) -> str:
     return f"{height}x{width}"
 
 
+def bucket_size(bucket: str) -> tuple[int, int]:
+    """(h, w) of a bucket name: the inverse of `bucket_name`."""
+    height, width = (int(side) for side in bucket.split("x"))
+    return height, width
+
+
 def manifest_uri(out_uri: str) -> str:
     return storage.join(out_uri, MANIFEST)
 

@@ -80,8 +80,7 @@ class CacheManifest(StrictModel):
         """(C, h, w) of the latents in `bucket`."""
         if bucket not in self.bucket_counts:
             raise KeyError(f"bucket {bucket!r} is not in this cache (buckets: {sorted(self.bucket_counts)})")
-        height, width = (int(side) for side in bucket.split("x"))
-        return self.latent_channels, height, width
+        return self.latent_channels, *layout.bucket_size(bucket)
 
 
 def write_progress(out_uri: str, progress: UnitProgress) -> None:

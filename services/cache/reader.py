@@ -15,7 +15,7 @@ from webdataset.tariterators import group_by_keys
 
 from services import storage
 from services.cache import layout
-from services.cache.schema import CacheFormatError, CacheSample, decode_sample, npy_array
+from services.cache.schema import CacheFormatError, CacheSample, decode_sample, npy_view
 from services.cache.tar_members import TarMembers
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,6 @@ def load_null_text(out_uri: str) -> np.ndarray:
     """The text encoder's (L, D) float32 output for the empty prompt, used for CFG dropout."""
     uri = layout.null_text_uri(out_uri)
     try:
-        return npy_array(storage.read_bytes(uri), uri).astype(np.float32)
+        return npy_view(storage.read_bytes(uri), uri).astype(np.float32)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{uri} does not exist: the encode job writes it before any shard") from error

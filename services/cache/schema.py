@@ -82,11 +82,6 @@ def npy_view(data: bytes | memoryview, where: str) -> np.ndarray:
         raise CacheFormatError(f"{where} is not a readable .npy array ({exc})") from exc
 
 
-def npy_array(data: bytes | memoryview, where: str) -> np.ndarray:
-    """.npy file bytes -> a writable array of its own, refusing pickles; `where` names the file in the error."""
-    return npy_view(data, where).copy()
-
-
 def _load_npy(raw: dict[str, Any], name: str) -> np.ndarray:
     return npy_view(raw[name], f"{_where(raw)}: {name}")
 

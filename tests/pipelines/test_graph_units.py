@@ -34,7 +34,7 @@ from pipelines.preprocess import PreprocessConfig
 from pipelines.sources.base import InputUnit, RawSample
 from services.cache.manifest import list_progress, read_manifest, read_plan, read_progress, shard_uris
 from services.cache.reader import SkipCounter, cache_dataset
-from services.cache.schema import npy_array, npy_bytes
+from services.cache.schema import npy_bytes, npy_view
 from services.config import ConfigError, load_config
 from tests.fixtures.corpora import make_bad_input_corpus, make_folder_corpus, photo_jpeg
 
@@ -82,7 +82,7 @@ def test_prepare_row_gives_bucket_sized_pixels_and_meta():
     row = prepare_row("u", 0, RawSample("k", photo_jpeg("chelsea"), "a cat", {"aesthetic_score": 5.0}), SMALL)
     meta = json.loads(row["meta"])
     assert row["kind"] == SAMPLE
-    assert npy_array(row["pixels"], "pixels").shape == (64, 64, 3)
+    assert npy_view(row["pixels"], "pixels").shape == (64, 64, 3)
     assert meta["bucket"] == [64, 64] and meta["aesthetic_score"] == 5.0 and len(meta["crop_box"]) == 4
 
 
@@ -128,7 +128,7 @@ def test_image_encoder_encodes_mixed_shapes_in_one_batch_exactly(folder, tmp_pat
     encoder = ImageEncoderActor(job.codec)
     out = encoder(rows_to_table(rows)).to_pylist()
     for row, original in zip(out, pixels, strict=True):
-        latent = torch.from_numpy(npy_array(row["latent"], "latent"))[None]
+        latent = torch.tensor(npy_view(row["latent"], "latent"))[None]
         decoded = encoder.codec.decode(latent)[0].permute(1, 2, 0).numpy() * 255
         assert row["pixels"] == b"" and np.abs(decoded - original).max() < 1e-3
 
