@@ -66,7 +66,7 @@ class S3Credentials(StrictModel):
         """Write the pair as JSON readable by the owner only; a new directory gets a `*` .gitignore."""
         path = Path(path)
         if not path.parent.exists():
-            path.parent.mkdir(parents=True)
+            make_private_dir(path.parent)
             (path.parent / ".gitignore").write_text("*\n")
         write_private_json(path, self.as_json())
 
@@ -76,6 +76,12 @@ class S3Credentials(StrictModel):
     def as_env(self) -> dict[str, str]:
         """The environment variables boto3, s3fs, pyarrow and `services.storage` read."""
         return {ACCESS_KEY_ENV: self.access_key_id, SECRET_KEY_ENV: self.secret_access_key.get_secret_value()}
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) and make it the owner's alone (0700), also when it already existed."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)  # mkdir's mode is masked by umask and ignored for an existing directory
 
 
 def write_private_json(path: Path, obj: object) -> None:

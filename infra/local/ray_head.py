@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from infra.local.credentials import write_private_text
+from infra.local.credentials import make_private_dir, write_private_text
 from infra.local.processes import free_port, read_pid, require_free_ports, start_detached, stop_pid
 from services.config import StrictModel
 
@@ -49,8 +49,14 @@ class RayHead:
         self.token_file = state_dir / "auth_token"
 
     @property
-    def temp_dir(self) -> Path:
+    def private_temp_root(self) -> Path:
+        """This user's own (0700) folder around Ray's temp dir, which Ray makes world-writable on every start."""
         return Path("/tmp") / f"hybriddit-ray-{hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:10]}"
+
+    @property
+    def temp_dir(self) -> Path:
+        # Unix socket paths must stay under ~107 bytes, so the session lives in a short /tmp path.
+        return self.private_temp_root / "r"
 
     @property
     def dashboard_url(self) -> str:
@@ -63,7 +69,7 @@ class RayHead:
     def auth_env(self) -> dict[str, str]:
         """Token auth for the head and every client: the cluster runs code for whoever reaches it."""
         if not self.token_file.exists():
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.state_dir)
             write_private_text(self.token_file, secrets.token_hex(32))
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
 
@@ -107,7 +113,6 @@ class RayHead:
             f"--metrics-export-port={s.metrics_export_port}",
             f"--dashboard-agent-listen-port={s.dashboard_agent_port}",
             f"--object-store-memory={s.object_store_memory_bytes}",
-            # Unix socket paths must stay under ~107 bytes, so the session lives in a short /tmp path.
             f"--temp-dir={self.temp_dir}",
         ]
         if s.num_cpus is not None:
@@ -117,6 +122,9 @@ class RayHead:
         # `python` in a job's entrypoint is the first one on the head's PATH: make it this environment's.
         venv_bin = str(Path(sys.executable).parent)
         path = os.pathsep.join([venv_bin, env.get("PATH", os.defpath)])
+        # Sessions, logs, spilled objects and sockets are this user's alone.
+        for directory in (self.state_dir, self.private_temp_root):
+            make_private_dir(directory)
         start_detached(
             cmd,
             pid_file=self.pid_file,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from infra.local.credentials import S3Credentials, write_private_json
+from infra.local.credentials import S3Credentials, make_private_dir, write_private_json
 from infra.local.processes import port_is_free, read_pid, require_free_ports, start_detached, stop_pid
 from services import storage
 from services.config import StrictModel
@@ -97,6 +97,7 @@ class SeaweedS3:
         self.pid_file = self.state_dir / "seaweedfs.pid"
         self.identities_file = self.state_dir / "s3-identities.json"
         self.log_dir = self.state_dir / "logs"
+        self.data_dir = self.state_dir / "data"
         self.output_log = self.log_dir / "weed-mini.out"
 
     @classmethod
@@ -135,7 +136,7 @@ class SeaweedS3:
             str(weed_binary()),
             f"-logdir={self.log_dir}",  # a global flag: it must come before the subcommand
             "mini",
-            f"-dir={state / 'data'}",
+            f"-dir={self.data_dir}",
             f"-ip={HOST}",
             f"-ip.bind={HOST}",
             "-master.telemetry=false",
@@ -171,8 +172,9 @@ class SeaweedS3:
             f"SeaweedFS S3 in {self.state_dir} (if an earlier local stack holds them: `hybriddit stack down`)",
             self._ports(),
         )
-        for directory in (self.state_dir, self.log_dir, self.state_dir / "data"):
-            directory.mkdir(parents=True, exist_ok=True)
+        # The stored objects, keys and logs are this user's alone.
+        for directory in (self.state_dir, self.log_dir, self.data_dir):
+            make_private_dir(directory)
         identities = {
             "identities": [
                 {

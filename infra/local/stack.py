@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from infra.local.credentials import S3Credentials, write_private_text
+from infra.local.credentials import S3Credentials, make_private_dir, write_private_text
 from infra.local.netns import only_loopback
 from infra.local.ray_head import RayHead, RaySettings
 from infra.local.seaweedfs import SeaweedInternalPorts, SeaweedS3
@@ -52,7 +52,7 @@ class LocalStack:
         return S3Credentials.load_or_create(self.credentials_file)
 
     def up(self) -> dict:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.settings.state_dir)
         (self.settings.state_dir / ".gitignore").write_text("*\n")
         if not self.s3.is_running():
             self.s3.start()

@@ -16,11 +16,13 @@ from services.encoders import tiny_autoencoders
 from services.encoders.codec import Codec, CodecSpec
 from services.encoders.diffusers_configs import DIFFUSERS_AUTOENCODERS, DiffusersAutoencoder
 from services.encoders.errors import CodecError
+from services.encoders.hub import from_pretrained_kwargs, revision_field
 from services.encoders.runtime import freeze, parse_options, resolve_precision, seeded_init
 
 
 class DiffusersCodecOptions(StrictModel):
     hub_id: str | None = Field(None, description="hub id or local directory; None = the published checkpoint")
+    revision: str | None = revision_field("the commit registered for the published checkpoint")
     random_init: bool = Field(False, description="full architecture with seeded random weights, no download")
 
 
@@ -52,14 +54,16 @@ def load_diffusers_model(entry: DiffusersAutoencoder, name: str, tiny: bool, opt
     if tiny or options.random_init:
         with seeded_init():
             return model_class(**(entry.tiny_config if tiny else entry.full_config))
-    hub_id = options.hub_id or entry.hub_id
+    hub_id, revision = options.hub_id or entry.hub.hub_id, options.revision
+    kwargs = from_pretrained_kwargs(f"codec {name!r}", hub_id, revision)
     subfolder = entry.subfolder if options.hub_id is None else None
     try:
-        return model_class.from_pretrained(hub_id, subfolder=subfolder, torch_dtype=dtype)
+        return model_class.from_pretrained(hub_id, subfolder=subfolder, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise CodecError(
-            f"codec {name!r}: cannot load {entry.model_class} from {hub_id!r} (subfolder {subfolder!r}): {exc}; "
-            "pass hub_id=<local directory> for a downloaded copy, or tiny=True for a random tiny model"
+            f"codec {name!r}: cannot load {entry.model_class} from {hub_id!r} (subfolder {subfolder!r}, "
+            f"revision {revision!r}, safetensors only): {exc}; pass hub_id=<local directory> for a downloaded "
+            "copy, or tiny=True for a random tiny model"
         ) from exc
 
 
@@ -68,6 +72,9 @@ def build_diffusers_codec(name: str, tiny: bool, device: str | torch.device, dty
     entry = DIFFUSERS_AUTOENCODERS[name]
     parsed = parse_options(DiffusersCodecOptions, name, options)
     device, dtype = resolve_precision(device, dtype, f"codec {name!r}")
+    if not (tiny or parsed.random_init):
+        # Resolved into the options, so the manifest records the commit loaded and describe() rebuilds it.
+        parsed = parsed.model_copy(update={"revision": entry.hub.pin(parsed.hub_id, parsed.revision)[1]})
     model = freeze(load_diffusers_model(entry, name, tiny, parsed, dtype), device, dtype)
     config = model.config
     block_channels = config.get("encoder_block_out_channels") or config["block_out_channels"]
@@ -78,7 +85,7 @@ def build_diffusers_codec(name: str, tiny: bool, device: str | torch.device, dty
         scale=float(config["scaling_factor"]),
         shift=float(config.get("shift_factor") or 0.0),
         has_decoder=True,
-        hub_id=parsed.hub_id or entry.hub_id,
+        hub_id=parsed.hub_id or entry.hub.hub_id,
     )
     return DiffusersCodec(
         model, spec=spec, options=parsed.model_dump(), tiny=tiny, device=device, dtype=dtype

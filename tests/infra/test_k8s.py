@@ -35,6 +35,8 @@ def test_every_manifest_parses_with_the_expected_kind():
     assert kinds == {
         "configmap.yaml": [("v1", "ConfigMap")],
         "kustomization.yaml": [("kustomize.config.k8s.io/v1beta1", "Kustomization")],
+        "networkpolicy.yaml": [("networking.k8s.io/v1", "NetworkPolicy")],
+        "ray-auth-secret.example.yaml": [("v1", "Secret")],
         "raycluster.yaml": [("ray.io/v1", "RayCluster")],
         "rayjob-encode.yaml": [("ray.io/v1", "RayJob")],
         "rayjob-train.yaml": [("ray.io/v1", "RayJob")],

@@ -14,6 +14,7 @@ import pytest
 
 from infra.local.netns import only_loopback
 from infra.local.processes import free_port, session_pids
+from infra.local.ray_head import RayHead, RaySettings
 from infra.local.seaweedfs import SeaweedInternalPorts, free_port_with_grpc_twin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +63,15 @@ def is_loopback(address: str) -> bool:
     return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
+def assert_state_is_private(state_dir: Path) -> None:
+    """Keys, stored objects, logs and Ray's sessions (sockets included) are readable by their owner only."""
+    ray_temp_root = RayHead(state_dir / "ray", RaySettings(), workdir=REPO).private_temp_root
+    assert (ray_temp_root / "r" / "session_latest").exists(), "the Ray head did not use its private temp root"
+    private = [state_dir, state_dir / "seaweedfs", state_dir / "seaweedfs/data", state_dir / "ray", ray_temp_root]
+    modes = {str(path): oct(path.stat().st_mode & 0o777) for path in private}
+    assert modes == {str(path): "0o700" for path in private}
+
+
 def test_stack_up_twice_submit_job_loopback_only_then_down(stack_overrides):
     try:
         first = hybriddit_stack("up", stack_overrides)
@@ -76,6 +86,7 @@ def test_stack_up_twice_submit_job_loopback_only_then_down(stack_overrides):
             if p.info["name"] == "weed" and first["state_dir"] in " ".join(p.info["cmdline"] or [])
         ]
         assert len(weed_processes) == 1
+        assert_state_is_private(Path(first["state_dir"]))
 
         job = subprocess.run(
             [
