@@ -71,8 +71,8 @@ FLUX1_VAE = {"latent_channels": 16, "use_quant_conv": False, "use_post_quant_con
 SD_VAE = {"latent_channels": 4, "scaling_factor": 0.18215}
 
 # Revisions: a commit only where one was found recorded for that repository in public code (sd-vae-ft-mse:
-# the same hash in two unrelated projects); the others have none verified yet, so loading them needs
-# `revision=<commit>` (see services/encoders/hub.py).
+# the same hash in two unrelated projects); the others have none verified yet, so a load pins the commit their
+# default branch points at when the job starts, unless `revision=<commit>` is given (services/encoders/hub.py).
 DIFFUSERS_AUTOENCODERS = {
     "dc-ae-f32c32-sana-1.1": DiffusersAutoencoder(
         "AutoencoderDC",

