@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 forward+backward, batch 1, dim {args.dim}, {args.heads} heads, {args.threads} threads; "
           f"level model: {MODELS['full']} (full) vs {MODELS['linear']} (linear), +{args.text_tokens} text tokens, "
           "activation checkpointing")
-    for tokens in args.model_tokens:
+    for tokens in sorted({*args.tokens, *args.model_tokens}):
         print(f"softmax anchors' token mixing: {anchor_share(tokens, args.text_tokens):.0%} of {MODELS['linear']}'s "
               f"forward FLOPs at {tokens} image tokens")
     print(f"{'level':<10}{'tokens':>7}{'full s':>9}{'linear s':>10}{'speed-up':>10}{'FLOPs':>8}{'full MB':>9}"
