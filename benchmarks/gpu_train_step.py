@@ -158,11 +158,11 @@ def measure_mode(args, mode: Mode, cache_uri: str, scratch: Path, device, peak_t
         for step in range(max(args.warmup_steps, len(batches))):  # every text length compiles before timing
             trainer.train_step(batches[step % len(batches)])
         warmup = time.perf_counter() - started
+        flops_per_batch = [step_flops(trainer.model.config, batch) for batch in batches]
         steps, flops, started = 0, 0, time.perf_counter()
         while steps < args.min_steps or (time.perf_counter() < deadline and steps < args.max_steps):
-            batch = batches[steps % len(batches)]
-            trainer.train_step(batch)  # returns python floats: synchronises with the GPU every step
-            flops += step_flops(trainer.model.config, batch)
+            trainer.train_step(batches[steps % len(batches)])  # returns python floats: syncs with the GPU
+            flops += flops_per_batch[steps % len(batches)]
             steps += 1
         seconds = time.perf_counter() - started
         achieved = flops / seconds / 1e12
