@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -352,18 +353,52 @@ def _local_staging_file(path: str) -> Iterator[IO[bytes]]:
         raise
 
 
+class _RetryingReader(io.RawIOBase):
+    """A remote file opened for reading whose reads wait out transient failures like every other operation.
+
+    Retrying a read is safe: fsspec's buffered files move their position only when a read succeeds.
+    """
+
+    def __init__(self, handle: IO[bytes], uri: str, config: StorageConfig | None) -> None:
+        super().__init__()
+        self._handle, self._uri, self._config = handle, uri, config
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return retry_transient(lambda: self._handle.read(size), self._uri, "read", self._config)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return self._handle.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+
 @contextlib.contextmanager
 def open_uri(uri: str, mode: str = "rb", config: StorageConfig | None = None) -> Iterator[IO[bytes]]:
     """Open an object; in "wb" mode it appears whole when the block ends and not at all if it raises."""
     if mode not in ("rb", "wb"):
         raise ValueError(f"open_uri({uri!r}): mode must be 'rb' or 'wb', not {mode!r}")
     fs, path = filesystem(uri, config)
+    protocol, _ = split_uri(uri)
     if mode == "rb":
         handle = retry_transient(lambda: fs.open(path, "rb"), uri, "open", config)
         with handle:
-            yield handle
+            yield handle if protocol == "file" else _RetryingReader(handle, uri, config)
         return
-    protocol, _ = split_uri(uri)
     if protocol == "file":
         with _local_staging_file(path) as handle:
             yield handle

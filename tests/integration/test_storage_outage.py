@@ -50,6 +50,17 @@ def test_a_read_issued_while_the_server_is_down_succeeds_once_it_is_back(s3_serv
     assert time.monotonic() - outage.back_at < 20  # and came back within a few backoffs of it
 
 
+def test_a_streamed_read_interrupted_by_an_outage_continues_where_it_stopped(s3_server, prefix):
+    data = payload("streamed", 2 * storage.MULTIPART_CHUNK_BYTES + 12345)  # more than one read-ahead block
+    uri = storage.join(prefix, "streamed.bin")
+    storage.write_bytes(uri, data)
+    with storage.open_uri(uri, "rb", s3_server.config(**WAITS_OUT)) as stream:
+        head = stream.read(2**20)
+        with s3_server.stopped(restart_after=5):
+            rest = stream.read()  # the next blocks are fetched while the server is down
+    assert head + rest == data
+
+
 def test_train_reader_waits_out_an_outage_and_yields_the_batches_of_an_uninterrupted_read(s3_server, prefix):
     write_tiny_cache(prefix, shard_sizes=[8, 8, 8, 8])
     expected = first_batches(training_stream(prefix, loader_process=False), 6)
