@@ -71,7 +71,7 @@ def test_train_reader_waits_out_an_outage_and_yields_the_batches_of_an_uninterru
     assert not stream.skipped, "an outage became placeholders"
 
 
-def test_past_the_deadline_a_read_fails_naming_the_endpoint_and_the_train_reader_fails_too(
+def test_past_the_deadline_reads_listings_and_the_train_reader_fail_naming_the_endpoint(
         s3_server, prefix, monkeypatch):
     uri = storage.join(prefix, "object.bin")
     storage.write_bytes(uri, b"x")
@@ -86,6 +86,12 @@ def test_past_the_deadline_a_read_fails_naming_the_endpoint_and_the_train_reader
         elapsed = time.monotonic() - started
         with pytest.raises(storage.StorageUnavailableError, match=s3_server.endpoint_url):
             first_batches(stream, 1)
+        # An outage is neither a missing object nor an empty prefix (a resume would start from scratch).
+        short = s3_server.config(retry_deadline_seconds=1, backoff_seconds=0.2)
+        with pytest.raises(storage.StorageUnavailableError, match="cannot check"):
+            storage.exists(uri, short)
+        with pytest.raises(storage.StorageUnavailableError, match="cannot list"):
+            storage.list_uris(prefix, recursive=True, config=short)
     assert 3 <= elapsed < 15
     message = str(failure.value)
     assert s3_server.endpoint_url in message and uri in message and "hybriddit stack up" in message
