@@ -1,9 +1,13 @@
 """Object storage behind one small API: s3://, file:// (and bare paths), hf:// and http(s):// via fsspec.
 
 S3 endpoint and keys come from `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-`AWS_REGION` or from a `StorageConfig`. Transient failures (connection errors, timeouts, 5xx,
-throttling) are retried with exponential backoff here, in one place; client errors (missing
-bucket, wrong keys) fail at once as a `StorageError` naming the URI and the fix.
+`AWS_REGION` or from a `StorageConfig`. One retry policy in two layers: botocore retries each S3
+request (`retry_mode` standard or adaptive, `request_attempts`, its own jittered backoff), and
+`retry_transient` keeps a whole operation going through transient failures (connection refused,
+timeouts, 5xx, throttling) with jittered backoff until `retry_deadline_seconds` have passed, long
+enough by default to ride out a restart of the S3 server, then fails with a `StorageUnavailableError`
+naming the endpoint. Client errors (missing bucket, wrong keys) fail at once as a `StorageError`
+naming the URI and the fix.
 
 Processes that use s3fs must not fork workers that use it too (its event loop is per process):
 filesystem instances are cached per process id, and DataLoaders should use the "spawn" context.
@@ -14,16 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol
@@ -40,21 +46,44 @@ COMPLETE_FORMAT = "hybriddit.complete/1"
 # Objects above twice this size are uploaded in parts of this size (S3's minimum part is 5 MiB).
 MULTIPART_CHUNK_BYTES = 8 * 2**20
 LOCAL_PROTOCOLS = ("file", "local")
+RETRY_DEADLINE_ENV = "HYBRIDDIT_STORAGE_RETRY_DEADLINE_SECONDS"
 THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
 TRANSIENT_CODES = THROTTLING_CODES | {"RequestTimeout", "InternalError", "ServiceUnavailable", "OperationAborted"}
 
 
+def _from_env(name: str, default: Any) -> Callable[[], Any]:
+    """A field default that the environment can override (validated like any value: `validate_default`)."""
+    return lambda: os.environ.get(name, default)
+
+
 class StorageConfig(StrictModel):
-    """Where S3 lives and how hard to retry; unset fields fall back to the AWS_* environment."""
+    """Where S3 lives and how hard to retry; unset fields fall back to the AWS_* environment.
+
+    Jobs build this from their environment, so the retry settings follow it too: botocore's own
+    `AWS_RETRY_MODE` and `AWS_MAX_ATTEMPTS`, and `HYBRIDDIT_STORAGE_RETRY_DEADLINE_SECONDS`.
+    """
 
     endpoint_url: str | None = None
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
     anon: bool = False
-    retries: int = Field(default=4, ge=0, description="extra attempts after a transient failure")
-    backoff_seconds: float = Field(default=0.5, gt=0, description="first wait; doubles per retry")
-    max_backoff_seconds: float = Field(default=8.0, gt=0)
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        default_factory=_from_env("AWS_RETRY_MODE", "standard"), validate_default=True,
+        description="botocore's retry mode for each request (env AWS_RETRY_MODE); adaptive also rate-limits",
+    )
+    request_attempts: int = Field(
+        default_factory=_from_env("AWS_MAX_ATTEMPTS", 3), validate_default=True, ge=1,
+        description="botocore's attempts per request, the first included (env AWS_MAX_ATTEMPTS)",
+    )
+    retry_deadline_seconds: float = Field(
+        default_factory=_from_env(RETRY_DEADLINE_ENV, 240.0), validate_default=True, ge=0,
+        description=f"how long one operation is retried through transient failures before it fails (env "
+                    f"{RETRY_DEADLINE_ENV}); the default rides out a restart of the S3 server; 0: no retry",
+    )
+    backoff_seconds: float = Field(default=1.0, gt=0, description="first wait between operation attempts; "
+                                   "doubles per attempt, jittered")
+    max_backoff_seconds: float = Field(default=15.0, gt=0)
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     read_timeout_seconds: float = Field(default=60.0, gt=0)
 
@@ -65,6 +94,10 @@ class StorageError(RuntimeError):
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
     """The object or directory does not exist."""
+
+
+class StorageUnavailableError(StorageError):
+    """The server stayed unreachable (or kept failing with 5xx) for the whole retry deadline."""
 
 
 class IncompleteDirectoryError(StorageError):
@@ -101,6 +134,15 @@ def _s3_settings(config: StorageConfig) -> dict[str, Any]:
     }
 
 
+def botocore_config_kwargs(config: StorageConfig) -> dict[str, Any]:
+    """Keyword arguments of `botocore.config.Config` for every S3 client of the project: retries and timeouts."""
+    return {
+        "retries": {"mode": config.retry_mode, "total_max_attempts": config.request_attempts},
+        "connect_timeout": config.connect_timeout_seconds,
+        "read_timeout": config.read_timeout_seconds,
+    }
+
+
 def _new_s3_filesystem(settings: dict[str, Any], config: StorageConfig) -> fsspec.AbstractFileSystem:
     import s3fs
 
@@ -111,18 +153,15 @@ def _new_s3_filesystem(settings: dict[str, Any], config: StorageConfig) -> fsspe
         secret=None if config.anon else settings["secret"],
         anon=config.anon,
         client_kwargs=client_kwargs,
-        # Retries live in `retry_transient` only (botocore's and s3fs's are off), so time stays bounded.
-        config_kwargs={
-            "retries": {"max_attempts": 1, "mode": "standard"},
-            "connect_timeout": config.connect_timeout_seconds,
-            "read_timeout": config.read_timeout_seconds,
-        },
+        config_kwargs=botocore_config_kwargs(config),
         default_block_size=MULTIPART_CHUNK_BYTES,
         # Another process may publish at any time: a cached listing would hide its objects.
         use_listings_cache=False,
         skip_instance_cache=True,
     )
-    fs.retries = 1  # a class attribute in s3fs, not a constructor argument
+    # s3fs's own retry loop is off (a class attribute, not a constructor argument): botocore retries
+    # requests and `retry_transient` operations, and a third layer would multiply the waits.
+    fs.retries = 1
     return fs
 
 
@@ -134,7 +173,7 @@ def filesystem(uri: str, config: StorageConfig | None = None) -> tuple[fsspec.Ab
         settings = _s3_settings(config)
         secret_digest = hashlib.sha256((settings["secret"] or "").encode()).hexdigest()
         key = (os.getpid(), protocol, settings["endpoint_url"], settings["region"], settings["key"],
-               secret_digest, config.anon, config.connect_timeout_seconds, config.read_timeout_seconds)
+               secret_digest, config.anon, json.dumps(botocore_config_kwargs(config), sort_keys=True))
     else:
         key = (os.getpid(), protocol)
     with _filesystems_lock:
@@ -253,9 +292,23 @@ def as_storage_error(exc: BaseException, uri: str, action: str, config: StorageC
     return StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
 
 
+def _backoff(attempt: int, config: StorageConfig) -> float:
+    """Wait before operation attempt `attempt + 1`: doubling from `backoff_seconds`, capped, with equal jitter
+    (half fixed, half random) so that many clients do not return to a restarted server in step."""
+    ceiling = min(config.backoff_seconds * 2 ** (attempt - 1), config.max_backoff_seconds)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
 def retry_transient(call: Callable[[], T], uri: str, action: str, config: StorageConfig | None = None) -> T:
-    """Run `call`, retrying transient failures with exponential backoff; anything else fails at once."""
+    """Run `call`; retry transient failures until the retry deadline, then raise StorageUnavailableError.
+
+    Each S3 request inside `call` has already been retried by botocore; this loop keeps the whole
+    operation going while the server is down. Other failures raise at once as a StorageError, and
+    local files (nothing to wait for) are never retried. A new attempt never starts after the
+    deadline, so an operation fails at most one attempt's time later.
+    """
     config = _resolve(config)
+    deadline = 0.0 if split_uri(uri)[0] == "file" else config.retry_deadline_seconds
     started = time.monotonic()
     attempts = 0
     while True:
@@ -265,16 +318,17 @@ def retry_transient(call: Callable[[], T], uri: str, action: str, config: Storag
             attempts += 1
             if not is_transient(exc):
                 raise as_storage_error(exc, uri, action, config) from exc
-            if attempts > config.retries:
-                elapsed = time.monotonic() - started
-                raise StorageError(
-                    f"cannot {action} {uri}: still failing after {attempts} attempt{'s' * (attempts > 1)} over {elapsed:.1f} s "
-                    f"({type(exc).__name__}: {exc}); is the server at {endpoint_of(uri, config)} running "
-                    "and reachable? (the local stack: `hybriddit stack up`)"
+            elapsed = time.monotonic() - started
+            if elapsed >= deadline:
+                raise StorageUnavailableError(
+                    f"cannot {action} {uri}: the server at {endpoint_of(uri, config)} kept failing for "
+                    f"{elapsed:.1f} s ({attempts} attempt{'s' * (attempts > 1)}, retry deadline {deadline:g} s; "
+                    f"last error {type(exc).__name__}: {exc}): is it running and reachable? (the local stack: "
+                    f"`hybriddit stack up`); to ride out longer outages raise {RETRY_DEADLINE_ENV}"
                 ) from exc
-            delay = min(config.backoff_seconds * 2 ** (attempts - 1), config.max_backoff_seconds)
-            logger.warning("retrying %s %s in %.2f s after %s (attempt %d of %d)",
-                           action, uri, delay, type(exc).__name__, attempts, config.retries + 1)
+            delay = min(_backoff(attempts, config), deadline - elapsed)
+            logger.warning("retrying %s %s in %.2f s after %s (attempt %d, %.1f s of the %g s deadline left)",
+                           action, uri, delay, type(exc).__name__, attempts, deadline - elapsed, deadline)
             time.sleep(delay)
 
 
@@ -299,18 +353,52 @@ def _local_staging_file(path: str) -> Iterator[IO[bytes]]:
         raise
 
 
+class _RetryingReader(io.RawIOBase):
+    """A remote file opened for reading whose reads wait out transient failures like every other operation.
+
+    Retrying a read is safe: fsspec's buffered files move their position only when a read succeeds.
+    """
+
+    def __init__(self, handle: IO[bytes], uri: str, config: StorageConfig | None) -> None:
+        super().__init__()
+        self._handle, self._uri, self._config = handle, uri, config
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return retry_transient(lambda: self._handle.read(size), self._uri, "read", self._config)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return self._handle.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+
 @contextlib.contextmanager
 def open_uri(uri: str, mode: str = "rb", config: StorageConfig | None = None) -> Iterator[IO[bytes]]:
     """Open an object; in "wb" mode it appears whole when the block ends and not at all if it raises."""
     if mode not in ("rb", "wb"):
         raise ValueError(f"open_uri({uri!r}): mode must be 'rb' or 'wb', not {mode!r}")
     fs, path = filesystem(uri, config)
+    protocol, _ = split_uri(uri)
     if mode == "rb":
         handle = retry_transient(lambda: fs.open(path, "rb"), uri, "open", config)
         with handle:
-            yield handle
+            yield handle if protocol == "file" else _RetryingReader(handle, uri, config)
         return
-    protocol, _ = split_uri(uri)
     if protocol == "file":
         with _local_staging_file(path) as handle:
             yield handle

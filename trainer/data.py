@@ -14,7 +14,9 @@ consumed batches without reading the shards before them: no sample is repeated o
 
 An address whose sample cannot be read (corrupt sample, unreadable or missing shard) keeps its
 slot as a zero-weight placeholder, counted by reason and logged, so the batch shape and the number
-of steps stay equal on every rank; `fail_on_corrupt` raises instead.
+of steps stay equal on every rank; `fail_on_corrupt` raises instead. A storage failure is not bad
+data and never becomes a placeholder: `services.storage` waits out an unreachable server up to its
+retry deadline, and then the stream raises and fails the job.
 """
 
 from __future__ import annotations

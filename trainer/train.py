@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python trainer/train.py` from the repo root under `ray job submit`
     sys.path.insert(0, str(REPO_ROOT))
 
+from services import storage  # noqa: E402
 from services.config import dump_config, load_config  # noqa: E402
 from trainer.config import TrainJobConfig  # noqa: E402
 
@@ -25,7 +26,8 @@ logger = logging.getLogger("trainer.train")
 # Passed to the workers so that they reach the same S3 and stay quiet about optional torchao kernels.
 # Keys are not among them: a runtime_env is shown in the dashboard, and every node of a cluster gets
 # its credentials from its own environment (the local stack's head, a Kubernetes Secret).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES",
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
+                 storage.RETRY_DEADLINE_ENV, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES",
                  "TORCHINDUCTOR_CACHE_DIR", "GLOO_SOCKET_IFNAME")
 
 

@@ -116,7 +116,9 @@ class SeaweedS3:
             endpoint_url=self.endpoint_url,
             access_key_id=self.credentials.access_key_id,
             secret_access_key=self.credentials.secret_access_key,
-            retries=0,
+            # `wait_until_ready` polls on its own: one request per call, no waiting out an outage.
+            request_attempts=1,
+            retry_deadline_seconds=0,
         )
 
     def pid(self) -> int | None:

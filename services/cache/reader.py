@@ -68,18 +68,23 @@ def read_shard(uri: str, handler: SkipCounter) -> Iterator[tuple[int, dict[str, 
 
     The shard is fetched whole with one request (shards are at most `max_shard_bytes`, 128 MiB by
     default) and the files are views into that buffer. A missing, garbled or cut shard is reported
-    to `handler` by reason; the samples before a garbled or cut point are still yielded.
+    to `handler` by reason; the samples before a garbled or cut point are still yielded. Any other
+    storage failure raises: a server that is down is waited out by `storage` up to its retry
+    deadline and then fails the reader, because it says nothing about the data.
     """
     try:
-        archive = TarMembers(memoryview(storage.read_bytes(uri)))
+        shard_bytes = storage.read_bytes(uri)
+    except storage.StorageNotFoundError as error:
+        handler("missing_shard", uri, error)
+        return
+    try:
+        archive = TarMembers(memoryview(shard_bytes))
         members = ({"fname": name, "data": data, "__url__": uri} for name, data in archive)
         yield from enumerate(group_by_keys(members))
         if not archive.complete:
             handler("truncated_shard", uri, EOFError(f"no end-of-archive marker in {len(archive.data)} bytes"))
     except CorruptCacheError:
         raise
-    except FileNotFoundError as error:
-        handler("missing_shard", uri, error)
     except Exception as error:  # a garbled tar: the rest of the shard is lost
         handler("unreadable_shard", uri, error)
 

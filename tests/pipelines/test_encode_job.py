@@ -220,3 +220,36 @@ def test_resubmitting_after_an_encoder_actor_is_killed_gives_the_uninterrupted_k
     run_job(ray_cluster, argv)
     keys = cached_keys(out)
     assert sorted(keys) == sorted(uninterrupted_keys) and len(set(keys)) == len(keys)
+
+
+@pytest.mark.slow
+def test_a_30_s_s3_outage_during_an_encode_job_is_waited_out_and_gives_the_uninterrupted_cache(
+    ray_cluster, s3_server, many_photos, uninterrupted_keys
+):
+    out = s3_server.uri("caches/outage")
+    started = time.monotonic()
+    submitted = subprocess.Popen(ray_cluster.submit_command(streaming_args(many_photos, out)), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, env=ray_cluster.env,
+                                 cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    try:
+        wait_for_progress(out, submitted)
+        units_before = len(list_progress(out))
+        assert not storage.exists(storage.join(out, "manifest.json")), "the job finished before the outage"
+        with s3_server.stopped(restart_after=30) as outage:
+            pass  # the block ends when the server is back, 30 s after it stopped
+        output, _ = submitted.communicate(timeout=JOB_TIMEOUT_S + 60)
+    finally:
+        if submitted.poll() is None:
+            submitted.kill()
+    seconds = time.monotonic() - started
+    assert submitted.returncode == 0, output[-4000:]  # no resubmission: the same job rode the outage out
+    assert "retrying write" in output, "the outage missed the job's writes"
+    summary = summary_of(subprocess.CompletedProcess([], 0, output, ""))
+    keys = cached_keys(out)
+    assert sorted(keys) == sorted(uninterrupted_keys) and len(set(keys)) == len(keys)
+    assert summary["units_failed"] == {} and summary["failures"] == {} and summary["units_already_done"] == 0
+    progress = list_progress(out)
+    assert len(progress) == summary["units_selected"] and sum(p.samples_written for p in progress) == len(keys)
+    card = read_manifest(out)
+    assert card.num_samples == len(keys) and sum(shard.num_samples for shard in card.shards) == len(keys)
+    print(f"outage {outage.seconds:.1f} s after {units_before} units: job {seconds:.0f} s")

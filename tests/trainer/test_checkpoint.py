@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -96,3 +97,49 @@ def test_saving_stalls_training_only_for_the_local_write(tmp_path, monkeypatch):
     stall = publisher.save(1, **contents(1, 1.0))
     publisher.wait()
     assert stall < 0.5 <= publisher.last_upload_seconds
+
+
+def big_contents(step: int, seed: int):
+    """About 130 MB to upload (weights, AdamW moments, EMA export): long enough for an outage to land mid-upload."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {f"block{i}.weight": torch.randn(1024, 2048, generator=generator) for i in range(4)}
+    optimizer = {"state": {i: {"step": torch.tensor(float(step)), "exp_avg": torch.randn(1024, 2048, generator=generator),
+                               "exp_avg_sq": torch.rand(1024, 2048, generator=generator)} for i in range(4)},
+                 "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99), "params": [0, 1, 2, 3]}]}
+
+    def write_export(directory):
+        directory.mkdir()
+        from safetensors.torch import save_file
+
+        save_file({name: value * 0.5 for name, value in weights.items()}, directory / "model.safetensors")
+
+    return dict(model=weights, optimizer=optimizer, rng={"rank0.generator": generator.get_state()},
+                state={"step": step, "data_position": {"epoch": 0, "batches": step}}, write_export=write_export)
+
+
+@pytest.mark.slow
+def test_a_30_s_s3_outage_during_a_checkpoint_upload_is_waited_out_and_the_checkpoint_resumes(s3_server, caplog):
+    root = s3_server.uri("checkpoint-tests", f"outage-{time.monotonic_ns()}")
+    publisher = ckpt.CheckpointPublisher(root, keep_last=2)
+    publisher.save(1, **contents(1, 1.0))
+    publisher.wait()
+    saved = big_contents(2, seed=7)
+    caplog.set_level(logging.WARNING, logger="services.storage")
+    started = time.monotonic()
+    publisher.save(2, **saved)
+    step_dir = storage.join(root, ckpt.step_dir_name(2))
+    while not storage.list_uris(step_dir, recursive=True):  # the upload has begun: its first file is there
+        assert time.monotonic() - started < 60, "the upload never began"
+        time.sleep(0.02)
+    with s3_server.stopped(restart_after=30) as outage:
+        pass  # the block ends when the server is back, 30 s after it stopped
+    publisher.wait()  # raises if the upload failed
+    seconds = time.monotonic() - started
+    assert "retrying upload to" in caplog.text, "the outage missed the upload"
+    assert outage.seconds >= 30
+    assert storage.read_json(storage.join(root, ckpt.LATEST))["step"] == 2
+    resumed = ckpt.load_latest(root)  # checks every file against the completion marker's sha256
+    assert resumed.step == 2 and resumed.state == saved["state"]
+    assert all(torch.equal(resumed.model[name], value) for name, value in saved["model"].items())
+    assert torch.equal(resumed.optimizer["state"][3]["exp_avg_sq"], saved["optimizer"]["state"][3]["exp_avg_sq"])
+    print(f"checkpoint upload with a {outage.seconds:.1f} s outage took {seconds:.1f} s")

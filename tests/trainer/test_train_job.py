@@ -156,3 +156,35 @@ def test_the_train_job_trains_on_a_cache_written_by_the_encode_job(ray_cluster, 
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     summary = summary_of(result.stdout)
     assert summary["step"] == 4 and len(set(summary["replica_fingerprints"])) == 1
+
+
+@pytest.mark.slow
+def test_a_30_s_s3_outage_during_training_is_waited_out_and_the_run_ends_like_an_uninterrupted_one(
+        ray_cluster, s3_server, s3_cache, uninterrupted):
+    # Every epoch re-reads the shards, so the outage lands on shard reads (and on any checkpoint due).
+    checkpoints = s3_server.uri("trainer-tests", "outage", "checkpoints")
+    started = time.monotonic()
+    job = subprocess.Popen(ray_cluster.submit_command(train_argv(s3_cache, checkpoints)), cwd=REPO,
+                           env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not storage.exists(storage.join(checkpoints, LATEST)):
+            assert time.monotonic() < deadline and job.poll() is None, "no checkpoint appeared"
+            time.sleep(0.5)
+        step_at_outage = storage.read_json(storage.join(checkpoints, LATEST))["step"]
+        with s3_server.stopped(restart_after=30) as outage:
+            pass  # the block ends when the server is back, 30 s after it stopped
+        output, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    seconds = time.monotonic() - started
+    assert job.returncode == 0, output[-3000:]
+    assert step_at_outage < STEPS and outage.seconds >= 30
+    assert "retrying read" in output, "the outage missed the shard reads"
+    assert "resumed from" not in output  # waited out in place: no worker group restart, no redone step
+    summary = summary_of(output)
+    assert summary["step"] == STEPS and summary["samples_skipped"] == {}
+    assert summary["replica_fingerprints"] == pytest.approx(uninterrupted["replica_fingerprints"], rel=1e-6)
+    print(f"outage {outage.seconds:.1f} s from step {step_at_outage}: job {seconds:.0f} s vs "
+          f"{uninterrupted['seconds']:.0f} s uninterrupted")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
+from pydantic import ValidationError
 
 from services import storage
 
@@ -157,7 +159,7 @@ def test_a_transient_failure_is_retried_until_the_call_succeeds(caplog):
         return "ok"
 
     caplog.set_level(logging.WARNING, logger="services.storage")
-    config = storage.StorageConfig(retries=4, backoff_seconds=0.01)
+    config = storage.StorageConfig(retry_deadline_seconds=10, backoff_seconds=0.01)
     assert storage.retry_transient(flaky, "s3://b/k", "read", config) == "ok"
     assert len(calls) == 3 and caplog.text.count("retrying read s3://b/k") == 2
 
@@ -170,8 +172,81 @@ def test_a_client_error_is_not_retried_and_becomes_a_storage_error():
         raise client_error("AccessDenied", 403)
 
     with pytest.raises(storage.StorageError, match="access denied"):
-        storage.retry_transient(denied, "s3://b/k", "read", storage.StorageConfig(retries=4, backoff_seconds=0.01))
+        storage.retry_transient(denied, "s3://b/k", "read",
+                                storage.StorageConfig(retry_deadline_seconds=10, backoff_seconds=0.01))
     assert len(calls) == 1
+
+
+def test_transient_failures_are_retried_until_the_deadline_then_fail_naming_endpoint_and_setting(caplog):
+    calls = []
+
+    def refused() -> None:
+        calls.append(time.monotonic())
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b/k")
+
+    caplog.set_level(logging.WARNING, logger="services.storage")
+    config = storage.StorageConfig(endpoint_url="http://127.0.0.1:1", retry_deadline_seconds=1.5,
+                                   backoff_seconds=0.1, max_backoff_seconds=0.4)
+    started = time.monotonic()
+    with pytest.raises(storage.StorageUnavailableError) as failure:
+        storage.retry_transient(refused, "s3://b/k", "read", config)
+    elapsed = time.monotonic() - started
+    message = str(failure.value)
+    assert 1.5 <= elapsed < 3.0  # waited the whole deadline, and started no attempt after it
+    assert calls[-1] - started >= 1.5 - 0.05  # the last attempt ran at the deadline, not before
+    assert "http://127.0.0.1:1" in message and "s3://b/k" in message
+    assert storage.RETRY_DEADLINE_ENV in message and f"{len(calls)} attempts" in message
+    assert caplog.text.count("retrying read s3://b/k") == len(calls) - 1 >= 3
+
+
+def test_backoff_doubles_up_to_its_cap_with_jitter_in_the_upper_half():
+    config = storage.StorageConfig(backoff_seconds=1.0, max_backoff_seconds=6.0)
+    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 6.0), (9, 6.0)]:
+        waits = {storage._backoff(attempt, config) for _ in range(50)}
+        assert all(ceiling / 2 <= wait <= ceiling for wait in waits)
+        assert len(waits) > 1, "the waits are not jittered"
+
+
+def test_local_paths_are_never_retried(tmp_path):
+    calls = []
+
+    def timed_out() -> None:
+        calls.append(1)
+        raise TimeoutError("a local file system that hangs")
+
+    with pytest.raises(storage.StorageUnavailableError, match="1 attempt,"):
+        storage.retry_transient(timed_out, str(tmp_path / "x"), "read", storage.StorageConfig())
+    assert len(calls) == 1
+
+
+def test_retry_settings_default_from_the_environment_and_are_validated(monkeypatch):
+    for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", storage.RETRY_DEADLINE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    default = storage.StorageConfig()
+    assert (default.retry_mode, default.request_attempts) == ("standard", 3)
+    assert 120 <= default.retry_deadline_seconds <= 300  # rides out a restart of the S3 server
+
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")
+    monkeypatch.setenv(storage.RETRY_DEADLINE_ENV, "30")
+    from_env = storage.StorageConfig()
+    assert (from_env.retry_mode, from_env.request_attempts, from_env.retry_deadline_seconds) == ("adaptive", 5, 30.0)
+    assert storage.StorageConfig(retry_deadline_seconds=7).retry_deadline_seconds == 7  # explicit wins
+    assert storage.botocore_config_kwargs(from_env)["retries"] == {"mode": "adaptive", "total_max_attempts": 5}
+
+    monkeypatch.setenv("AWS_RETRY_MODE", "legacy")
+    with pytest.raises(ValidationError, match="retry_mode"):
+        storage.StorageConfig()
+
+
+def test_s3_clients_get_the_botocore_retry_settings_and_s3fs_retries_stay_off(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    config = storage.StorageConfig(retry_mode="adaptive", request_attempts=4)
+    fs, _ = storage.filesystem("s3://bucket/key", config)
+    assert fs.config_kwargs["retries"] == {"mode": "adaptive", "total_max_attempts": 4}
+    assert fs.retries == 1
+    other, _ = storage.filesystem("s3://bucket/key", config.model_copy(update={"request_attempts": 2}))
+    assert other is not fs
 
 
 def test_filesystems_are_reused_per_protocol_and_endpoint(monkeypatch):
