@@ -1,10 +1,12 @@
 """Managed S3 transfers of local files (boto3/s3transfer): parts sent and fetched by a pool of threads.
 
 `services.storage.upload_file` / `download_file` route `s3://` through here, so checkpoints, exports and
-`publish_dir` / `download_published_dir` use it. s3fs uploads a file's parts from its one event-loop
-thread and reads an object block after block; boto3's transfer manager keeps `transfer_max_concurrency`
-parts in flight from threads that release the GIL while hashing and sending, which measured about 2x
-faster here (`benchmarks/checkpoint_transfer.py`).
+`publish_dir` / `download_published_dir` use it. s3fs signs and sends a file's parts from its one
+event-loop thread and reads an object block after block; boto3's transfer manager keeps
+`transfer_max_concurrency` parts or ranges in flight from threads that release the GIL while hashing
+and sending. That pays where a transfer waits on the network or the server and cores are free; on
+two saturated cores a transfer is CPU-bound and both move about as fast (see the README's figures
+from `benchmarks/checkpoint_transfer.py`).
 
 An upload of `transfer_threshold_bytes` or more is a multipart upload, which S3 shows only once it
 is completed (a failed one is aborted by s3transfer); a smaller one is a single PUT. A download
