@@ -28,10 +28,10 @@ from services import storage  # noqa: E402
 
 
 @contextlib.contextmanager
-def s3_bucket(scratch: Path):
-    """An s3:// prefix to write to: the configured endpoint's bucket, or a private SeaweedFS started here."""
+def s3_bucket(scratch: Path, name: str = "train-input"):
+    """An s3:// prefix `name` to write to: in the configured endpoint's bucket, or on a private SeaweedFS started here."""
     if os.environ.get("AWS_ENDPOINT_URL"):
-        yield f"s3://{os.environ.get('HYBRIDDIT_BUCKET', 'hybriddit')}/benchmarks/train-input-{os.getpid()}"
+        yield f"s3://{os.environ.get('HYBRIDDIT_BUCKET', 'hybriddit')}/benchmarks/{name}-{os.getpid()}"
         return
     from infra.local.credentials import S3Credentials
     from infra.local.seaweedfs import SeaweedS3
@@ -42,7 +42,7 @@ def s3_bucket(scratch: Path):
     try:
         server.ensure_bucket("bench")
         os.environ.update({**credentials.as_env(), "AWS_ENDPOINT_URL": server.endpoint_url, "AWS_REGION": "us-east-1"})
-        yield "s3://bench/train-input"
+        yield f"s3://bench/{name}"
     finally:
         server.stop()
 

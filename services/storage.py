@@ -86,6 +86,12 @@ class StorageConfig(StrictModel):
     max_backoff_seconds: float = Field(default=15.0, gt=0)
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     read_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Managed transfers of whole files (services.s3_transfer: checkpoints, exports, published directories).
+    transfer_threshold_bytes: int = Field(default=MULTIPART_CHUNK_BYTES, ge=1,
+                                          description="files of at least this size go up in parts, down in ranges")
+    transfer_chunk_bytes: int = Field(default=MULTIPART_CHUNK_BYTES, ge=5 * 2**20,
+                                      description="part and range size (S3's minimum part is 5 MiB)")
+    transfer_max_concurrency: int = Field(default=10, ge=1, description="parts or ranges in flight per file")
 
 
 class StorageError(RuntimeError):
@@ -470,21 +476,31 @@ def delete(uri: str, recursive: bool = False, config: StorageConfig | None = Non
 
 
 def upload_file(local: str | Path, uri: str, config: StorageConfig | None = None) -> None:
-    """Copy a local file to `uri`; the target appears whole or not at all."""
+    """Copy a local file to `uri`; the target appears whole or not at all. S3: a managed parallel transfer."""
+    protocol, path = split_uri(uri)
+    if protocol == "s3":
+        from services import s3_transfer
+
+        retry_transient(lambda: s3_transfer.upload_file(local, path, _resolve(config)), uri, "upload to", config)
+        return
     fs, path = filesystem(uri, config)
-    protocol, _ = split_uri(uri)
     if protocol == "file":
         with _local_staging_file(path) as handle, open(local, "rb") as source:
             shutil.copyfileobj(source, handle, MULTIPART_CHUNK_BYTES)
         return
-    extra = {"chunksize": MULTIPART_CHUNK_BYTES} if protocol == "s3" else {}
-    retry_transient(lambda: fs.put_file(str(local), path, **extra), uri, "upload to", config)
+    retry_transient(lambda: fs.put_file(str(local), path), uri, "upload to", config)
 
 
 def download_file(uri: str, local: str | Path, config: StorageConfig | None = None) -> None:
-    """Copy an object to a local file; the local file appears whole or not at all."""
-    fs, path = filesystem(uri, config)
+    """Copy an object to a local file; the local file appears whole or not at all. S3: a managed parallel transfer."""
     local = os.path.abspath(local)
+    protocol, path = split_uri(uri)
+    if protocol == "s3":
+        from services import s3_transfer
+
+        retry_transient(lambda: s3_transfer.download_file(path, local, _resolve(config)), uri, "download", config)
+        return
+    fs, path = filesystem(uri, config)
 
     def fetch() -> None:
         with _local_staging_file(local) as handle, fs.open(path, "rb") as source:
