@@ -160,8 +160,10 @@ def test_wrong_keys_fail_at_once_naming_the_uri_and_the_variable_never_the_secre
     (tmp_path / "w.bin").write_bytes(payload("w", 2 * PART))
     uri = storage.join(prefix, "w.bin")
     storage.upload_file(tmp_path / "w.bin", uri, in_parts)
-    wrong_secret = changed(in_parts, {"secret_access_key": "not-the-secret-5678", "retries": 3})
-    unknown_key = changed(in_parts, {"access_key_id": "HDNOSUCHKEY", "retries": 3})
+    wrong_secret = changed(in_parts, {"secret_access_key": "not-the-secret-5678", "request_attempts": 3,
+                                       "retry_deadline_seconds": 60})
+    unknown_key = changed(in_parts, {"access_key_id": "HDNOSUCHKEY", "request_attempts": 3,
+                                      "retry_deadline_seconds": 60})
     cases = [
         (lambda: storage.upload_file(tmp_path / "w.bin", uri, wrong_secret), f"cannot upload to {uri}",
          "AWS_SECRET_ACCESS_KEY"),
@@ -186,10 +188,13 @@ def test_wrong_keys_fail_at_once_naming_the_uri_and_the_variable_never_the_secre
 def test_unreachable_endpoint_is_retried_by_retry_transient_then_fails_naming_the_uri(closed_port, tmp_path):
     (tmp_path / "f.bin").write_bytes(b"x" * 1000)
     config = storage.StorageConfig(endpoint_url=f"http://127.0.0.1:{closed_port}", access_key_id="HDANY",
-                                   secret_access_key="any-secret", retries=2, backoff_seconds=0.05)
+                                   secret_access_key="any-secret", request_attempts=1, retry_deadline_seconds=1.0,
+                                   backoff_seconds=0.05, max_backoff_seconds=0.1)
     for transfer, action in ((lambda: storage.upload_file(tmp_path / "f.bin", "s3://b/k", config), "upload to"),
                              (lambda: storage.download_file("s3://b/k", tmp_path / "g.bin", config), "download")):
-        with pytest.raises(storage.StorageError, match=f"cannot {action} s3://b/k: still failing after 3 attempts"):
+        with pytest.raises(storage.StorageUnavailableError,
+                           match=rf"cannot {action} s3://b/k: the server at http://127.0.0.1:{closed_port} kept failing "
+                                 r"for \d+\.\d s \((\d+) attempts, retry deadline 1 s"):
             transfer()
 
 
