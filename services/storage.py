@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import fsspec
+import fsspec.asyn
 from fsspec.core import split_protocol
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
@@ -404,6 +405,91 @@ def download_file(uri: str, local: str | Path, config: StorageConfig | None = No
             shutil.copyfileobj(source, handle, MULTIPART_CHUNK_BYTES)
 
     retry_transient(fetch, uri, "download", config)
+
+
+# --------------------------------------------------------------------------- conditional writes
+
+
+class PreconditionFailedError(StorageError):
+    """A conditional write that lost: the object already exists, or changed since its version was read."""
+
+
+def _s3_bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    code, status = _s3_error(exc)
+    return code == "PreconditionFailed" or status == 412
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """An exclusive lock on `path`'s sidecar `.<name>.lock` (local conditional writes compare and swap under it)."""
+    import fcntl
+
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f".{os.path.basename(path)}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _content_version(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def read_versioned(uri: str, config: StorageConfig | None = None) -> tuple[bytes, str]:
+    """An object's bytes and the version tag (S3 ETag) that `write_if` compares against."""
+    protocol, path = split_uri(uri)
+    if protocol == "file":
+        data = read_bytes(uri, config)
+        return data, _content_version(data)
+    if protocol != "s3":
+        raise StorageError(f"cannot read {uri} with its version: only s3:// and local paths support it")
+    fs, _ = filesystem(uri, config)
+    bucket, key = _s3_bucket_key(path)
+
+    async def get() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with response["Body"] as body:
+            return await body.read(), response["ETag"]
+
+    return retry_transient(lambda: fsspec.asyn.sync(fs.loop, get), uri, "read", config)
+
+
+def write_if(uri: str, data: bytes, *, version: str | None, config: StorageConfig | None = None) -> str:
+    """Write a small object only if it does not exist (`version=None`) or is still at `version`; returns the new version.
+
+    On S3 this is a conditional PUT (`If-None-Match: *` / `If-Match: <ETag>`), decided by the server;
+    locally a compare-and-swap under a file lock. A lost condition raises `PreconditionFailedError`.
+    """
+    protocol, path = split_uri(uri)
+    if protocol == "file":
+        with _local_lock(path):
+            current = _content_version(read_bytes(uri, config)) if os.path.exists(path) else None
+            if current != version:
+                raise PreconditionFailedError(f"cannot write {uri}: it {'exists' if version is None else 'changed'}")
+            with _local_staging_file(path) as handle:
+                handle.write(data)
+        return _content_version(data)
+    if protocol != "s3":
+        raise StorageError(f"cannot write {uri} conditionally: only s3:// and local paths support it")
+    fs, _ = filesystem(uri, config)
+    bucket, key = _s3_bucket_key(path)
+    condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+
+    def put() -> str:
+        try:
+            return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except Exception as exc:
+            if _is_precondition_failure(exc):
+                raise PreconditionFailedError(
+                    f"cannot write {uri}: it {'exists' if version is None else 'changed'}") from exc
+            raise
+
+    return retry_transient(put, uri, "write", config)
 
 
 # --------------------------------------------------------------------------- directories
