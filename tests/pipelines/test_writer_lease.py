@@ -67,8 +67,9 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def test_conditional_writes_are_decided_by_the_server(out):
-    uri = storage.join(out, "object.json")
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_conditional_writes_create_once_and_replace_only_an_unchanged_object(out, tmp_path, where):
+    uri = storage.join(out if where == "s3" else str(tmp_path / "out"), "object.json")
     first = storage.write_if(uri, b"one", version=None)
     with pytest.raises(storage.PreconditionFailedError, match="it exists"):
         storage.write_if(uri, b"two", version=None)
