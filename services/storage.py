@@ -617,16 +617,16 @@ def read_complete_marker(uri: str, config: StorageConfig | None = None) -> dict[
     """
     marker_uri = join(uri, COMPLETE_MARKER)
     try:
-        marker = read_json(marker_uri, config)
+        raw = read_bytes(marker_uri, config)
     except StorageNotFoundError:
         raise IncompleteDirectoryError(
             f"{uri} has no {COMPLETE_MARKER}: it is still being uploaded or its upload failed; "
             "wait for the writer, or publish it again"
         ) from None
-    except StorageError as error:
-        if "is not valid JSON" not in str(error):
-            raise
-        raise VerificationError(f"{error}; refusing {uri}: publish it again") from None
+    try:
+        marker = json.loads(raw)
+    except ValueError as error:
+        raise VerificationError(f"{marker_uri} is not valid JSON ({error}); refusing {uri}: publish it again") from None
     if not isinstance(marker, dict) or marker.get("format") != COMPLETE_FORMAT:
         raise VerificationError(f"{marker_uri} is not a {COMPLETE_FORMAT} marker; refusing {uri}")
     try:
@@ -671,17 +671,17 @@ def read_published_file(uri: str, name: str, marker: dict[str, Any], config: Sto
 
 def verify_published_dir(uri: str, config: StorageConfig | None = None) -> dict[str, Any]:
     """Check every file a completion marker lists (size and sha256, streamed, nothing kept); returns the marker."""
+
+    def stream_digest(file_uri: str) -> tuple[int, str]:
+        digest, size = hashlib.sha256(), 0
+        with open_uri(file_uri, config=config) as handle:
+            for block in iter(lambda: handle.read(MULTIPART_CHUNK_BYTES), b""):
+                digest.update(block)
+                size += len(block)
+        return size, digest.hexdigest()
+
     marker = read_complete_marker(uri, config)
     for entry in marker["files"]:
-
-        def stream_digest(file_uri: str) -> tuple[int, str]:
-            digest, size = hashlib.sha256(), 0
-            with open_uri(file_uri, config=config) as handle:
-                for block in iter(lambda: handle.read(MULTIPART_CHUNK_BYTES), b""):
-                    digest.update(block)
-                    size += len(block)
-            return size, digest.hexdigest()
-
         _check_entry(uri, entry, *_fetch_listed(uri, entry, stream_digest))
     return marker
 
