@@ -98,6 +98,27 @@ class PartitionConfig(StrictModel):
         return self
 
 
+class LeaseConfig(StrictModel):
+    """The writer lease that keeps a second job off a cache (or a partition of it) while one writes it."""
+
+    ttl_seconds: float = Field(
+        default=300.0, gt=0, description="a lease not renewed for this long is expired: the next job takes it over "
+        "(the time a crashed job blocks its cache)",
+    )
+    renew_every_seconds: float = Field(default=60.0, gt=0, description="how often the running job renews it")
+    break_lease: bool = Field(
+        default=False, description="take the lease even if another job holds it and it has not expired "
+        "(`--break-lease`: only when that job is known to be dead)",
+    )
+
+    @model_validator(mode="after")
+    def _renewed_before_it_expires(self) -> LeaseConfig:
+        if self.renew_every_seconds * 2 > self.ttl_seconds:
+            raise ValueError(f"lease.renew_every_seconds ({self.renew_every_seconds}) must be at most half of "
+                             f"lease.ttl_seconds ({self.ttl_seconds}), so that one late renewal does not lose it")
+        return self
+
+
 class EncodeJobConfig(StrictModel):
     """`pipelines/encode_latents.py`: an image+caption corpus -> the latent cache the trainer reads."""
 
@@ -113,6 +134,7 @@ class EncodeJobConfig(StrictModel):
         default=None, description="run only this job's share of the selected units; None = all of them",
     )
     overwrite: bool = Field(default=False, description="redo units that already finished")
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
     progress_bar: bool = True
 
     @model_validator(mode="after")

@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="encode at most this many units")
     parser.add_argument("--units", nargs="+", metavar="PATTERN", help="only units whose names match these globs")
     parser.add_argument("--overwrite", action="store_true", help="redo units that already finished")
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take the output's writer lease even if another job holds it (only if that job is dead)")
     return parser.parse_args(argv)
 
 
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"units={json.dumps(args.units)}")
     if args.overwrite:
         overrides.append("overwrite=true")
+    if args.break_lease:
+        overrides.append("lease.break_lease=true")
     try:
         job = load_config(EncodeJobConfig, args.config, overrides)
     except ConfigError as exc:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipelines.actors import EncoderCard
 from pipelines.config import EncodeJobConfig
+from pipelines.lease import WriterLease
 from pipelines.ledger import UnitLedger
 from pipelines.sources import build_source, select_units
 from pipelines.sources.base import InputUnit
@@ -161,34 +162,42 @@ def run_encode(
     units: list[InputUnit] | None = None,
     on_rate: Callable[[float], None] | None = None,
 ) -> JobSummary:
-    """Plan, run `execute` over the units still to do, record each unit as it completes, publish the manifest."""
+    """Plan, run `execute` over the units still to do, record each unit as it completes, publish the manifest.
+
+    Everything from planning (which deletes what earlier attempts left) to the manifest happens under
+    the writer lease of the output (or of this partition of it): a second job on the same units
+    refuses to start, and a job that loses its lease stops before publishing another unit.
+    """
     started = time.monotonic()
     selection = selected_units(job) if units is None else units
     units = partition_units(job, selection)
     check_cache_matches(job, card)
-    to_run, done = plan_units(job, units)
-    write_null_text(job.output.uri, card.null_text)
-    write_plan(job.output.uri, [unit.name for unit in selection])  # the same plan from every partition
-    logger.info("%d units selected, %d already finished, %d to run", len(units), len(done), len(to_run))
-    ledger = UnitLedger(to_run)
-    bar = tqdm(total=len(to_run), unit="unit", desc="encode", disable=not job.progress_bar, mininterval=2.0)
-    run_started = time.monotonic()
-    with bar:
-        for account in execute(to_run, card) if to_run else ():
-            progress = ledger.record(account)
-            if progress is not None:
-                write_progress(job.output.uri, progress)
-                bar.update(1)
-            rate = ledger.samples_written / max(time.monotonic() - run_started, 1e-9)
-            bar.set_postfix(samples=ledger.samples_written, dropped=sum(ledger.failures.values()),
-                            img_s=f"{rate:.1f}", refresh=False)  # fmt: skip
-            if on_rate is not None:
-                on_rate(rate)
-    failed = ledger.close()
-    run_seconds = time.monotonic() - run_started
-    for unit, reason in failed.items():
-        logger.error("unit %s did not finish (%s); the next run redoes it", unit, reason)
-    manifest = publish_manifest(job, card)
+    with WriterLease(job.output.uri, job.partition, job.lease) as lease:
+        to_run, done = plan_units(job, units)
+        write_null_text(job.output.uri, card.null_text)
+        write_plan(job.output.uri, [unit.name for unit in selection])  # the same plan from every partition
+        logger.info("%d units selected, %d already finished, %d to run", len(units), len(done), len(to_run))
+        ledger = UnitLedger(to_run)
+        bar = tqdm(total=len(to_run), unit="unit", desc="encode", disable=not job.progress_bar, mininterval=2.0)
+        run_started = time.monotonic()
+        with bar:
+            for account in execute(to_run, card) if to_run else ():
+                progress = ledger.record(account)
+                if progress is not None:
+                    lease.check()
+                    write_progress(job.output.uri, progress)
+                    bar.update(1)
+                rate = ledger.samples_written / max(time.monotonic() - run_started, 1e-9)
+                bar.set_postfix(samples=ledger.samples_written, dropped=sum(ledger.failures.values()),
+                                img_s=f"{rate:.1f}", refresh=False)  # fmt: skip
+                if on_rate is not None:
+                    on_rate(rate)
+        failed = ledger.close()
+        run_seconds = time.monotonic() - run_started
+        for unit, reason in failed.items():
+            logger.error("unit %s did not finish (%s); the next run redoes it", unit, reason)
+        lease.check()
+        manifest = publish_manifest(job, card)
     written = sum(progress.samples_written for progress in ledger.finished)
     failures: Counter = Counter()
     for progress in ledger.finished:

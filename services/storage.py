@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -32,8 +33,9 @@ from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
 import fsspec
+import fsspec.asyn
 from fsspec.core import split_protocol
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from services.config import StrictModel
 
@@ -509,6 +511,91 @@ def download_file(uri: str, local: str | Path, config: StorageConfig | None = No
     retry_transient(fetch, uri, "download", config)
 
 
+# --------------------------------------------------------------------------- conditional writes
+
+
+class PreconditionFailedError(StorageError):
+    """A conditional write that lost: the object already exists, or changed since its version was read."""
+
+
+def _s3_bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    code, status = _s3_error(exc)
+    return code == "PreconditionFailed" or status == 412
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """An exclusive lock on `path`'s sidecar `.<name>.lock` (local conditional writes compare and swap under it)."""
+    import fcntl
+
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f".{os.path.basename(path)}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _content_version(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def read_versioned(uri: str, config: StorageConfig | None = None) -> tuple[bytes, str]:
+    """An object's bytes and the version tag (S3 ETag) that `write_if` compares against."""
+    protocol, path = split_uri(uri)
+    if protocol == "file":
+        data = read_bytes(uri, config)
+        return data, _content_version(data)
+    if protocol != "s3":
+        raise StorageError(f"cannot read {uri} with its version: only s3:// and local paths support it")
+    fs, _ = filesystem(uri, config)
+    bucket, key = _s3_bucket_key(path)
+
+    async def get() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with response["Body"] as body:
+            return await body.read(), response["ETag"]
+
+    return retry_transient(lambda: fsspec.asyn.sync(fs.loop, get), uri, "read", config)
+
+
+def write_if(uri: str, data: bytes, *, version: str | None, config: StorageConfig | None = None) -> str:
+    """Write a small object only if it does not exist (`version=None`) or is still at `version`; returns the new version.
+
+    On S3 this is a conditional PUT (`If-None-Match: *` / `If-Match: <ETag>`), decided by the server;
+    locally a compare-and-swap under a file lock. A lost condition raises `PreconditionFailedError`.
+    """
+    protocol, path = split_uri(uri)
+    if protocol == "file":
+        with _local_lock(path):
+            current = _content_version(read_bytes(uri, config)) if os.path.exists(path) else None
+            if current != version:
+                raise PreconditionFailedError(f"cannot write {uri}: it {'exists' if version is None else 'changed'}")
+            with _local_staging_file(path) as handle:
+                handle.write(data)
+        return _content_version(data)
+    if protocol != "s3":
+        raise StorageError(f"cannot write {uri} conditionally: only s3:// and local paths support it")
+    fs, _ = filesystem(uri, config)
+    bucket, key = _s3_bucket_key(path)
+    condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+
+    def put() -> str:
+        try:
+            return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except Exception as exc:
+            if _is_precondition_failure(exc):
+                raise PreconditionFailedError(
+                    f"cannot write {uri}: it {'exists' if version is None else 'changed'}") from exc
+            raise
+
+    return retry_transient(put, uri, "write", config)
+
+
 # --------------------------------------------------------------------------- directories
 
 
@@ -553,20 +640,71 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+class VerificationError(StorageError):
+    """A published directory that does not verify: a bad marker, or a file missing or differing from it."""
+
+
+class MarkerFile(StrictModel):
+    """One file a completion marker lists: its path inside the directory, size and sha256."""
+
+    path: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_directory(cls, path: str) -> str:
+        # A marker names files of its own prefix only: "a/../../x", "/etc/x" or "a\\b" could reach others.
+        if "\\" in path:
+            raise ValueError(f"{path!r} contains a backslash")
+        if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+            raise ValueError(f"{path!r} is an absolute path")
+        if any(part in ("", ".", "..") for part in path.split("/")):
+            raise ValueError(f"{path!r} has an empty, '.' or '..' segment (it may leave the directory)")
+        if path == COMPLETE_MARKER:
+            raise ValueError(f"{path!r} is the marker itself")
+        return path
+
+
+class CompleteMarker(StrictModel):
+    """`_COMPLETE.json`: the files of a published directory, written after all of them."""
+
+    format: str
+    files: list[MarkerFile]
+    published_at: float
+
+
+def complete_marker_of(local_dir: str | Path) -> dict[str, Any]:
+    """The marker describing every file below `local_dir` (sizes and sha256), as written by `publish_dir`."""
+    local_dir = Path(local_dir)
+    files = [
+        {"path": name, "size": (local_dir / name).stat().st_size, "sha256": _sha256_of(local_dir / name)}
+        for name in _relative_files(local_dir) if name != COMPLETE_MARKER
+    ]
+    return {"format": COMPLETE_FORMAT, "files": files, "published_at": time.time()}
+
+
+def write_complete_marker(local_dir: str | Path) -> dict[str, Any]:
+    """Mark a local directory complete (e.g. an export), so that readers can verify it like a published one."""
+    marker = complete_marker_of(local_dir)
+    write_json(str(Path(local_dir, COMPLETE_MARKER)), marker)
+    return marker
+
+
+def _upload_order(name: str) -> tuple[int, str]:
+    # Markers of nested directories (an export inside a checkpoint) go after the files they describe.
+    return (name.rsplit("/", 1)[-1] == COMPLETE_MARKER, name)
+
+
 def publish_dir(local_dir: str | Path, uri: str, config: StorageConfig | None = None) -> dict[str, Any]:
     """Upload a directory, then its `_COMPLETE.json` (files, sizes, sha256) last: readers see all or nothing."""
     local_dir = Path(local_dir)
     marker_uri = join(uri, COMPLETE_MARKER)
     # Re-publishing overwrites files in place: hide the old marker first so no reader mixes versions.
     delete(marker_uri, config=config)
-    relative_files = [name for name in _relative_files(local_dir) if name != COMPLETE_MARKER]
-    files = [
-        {"path": name, "size": (local_dir / name).stat().st_size, "sha256": _sha256_of(local_dir / name)}
-        for name in relative_files
-    ]
-    for name in relative_files:
+    marker = complete_marker_of(local_dir)
+    for name in sorted((entry["path"] for entry in marker["files"]), key=_upload_order):
         upload_file(local_dir / name, join(uri, name), config)
-    marker = {"format": COMPLETE_FORMAT, "files": files, "published_at": time.time()}
     write_json(marker_uri, marker, config)
     return marker
 
@@ -577,31 +715,91 @@ def is_complete(uri: str, config: StorageConfig | None = None) -> bool:
 
 
 def read_complete_marker(uri: str, config: StorageConfig | None = None) -> dict[str, Any]:
-    """The completion marker of a published directory; refuses a directory that has none."""
+    """The validated completion marker of a published directory; refuses a directory that has none.
+
+    A marker whose entries are malformed or name files outside `uri` raises `VerificationError`.
+    """
+    marker_uri = join(uri, COMPLETE_MARKER)
     try:
-        marker = read_json(join(uri, COMPLETE_MARKER), config)
+        raw = read_bytes(marker_uri, config)
     except StorageNotFoundError:
         raise IncompleteDirectoryError(
             f"{uri} has no {COMPLETE_MARKER}: it is still being uploaded or its upload failed; "
             "wait for the writer, or publish it again"
         ) from None
+    try:
+        marker = json.loads(raw)
+    except ValueError as error:
+        raise VerificationError(f"{marker_uri} is not valid JSON ({error}); refusing {uri}: publish it again") from None
     if not isinstance(marker, dict) or marker.get("format") != COMPLETE_FORMAT:
-        raise StorageError(f"{join(uri, COMPLETE_MARKER)} is not a {COMPLETE_FORMAT} marker")
+        raise VerificationError(f"{marker_uri} is not a {COMPLETE_FORMAT} marker; refusing {uri}")
+    try:
+        CompleteMarker.model_validate(marker)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())
+        raise VerificationError(
+            f"{marker_uri} is not a valid completion marker ({problems}): a marker may only list files inside "
+            f"its own prefix with their size and sha256; refusing {uri}"
+        ) from None
+    return marker
+
+
+def _check_entry(uri: str, entry: dict[str, Any], size: int, digest: str) -> None:
+    if size != entry["size"] or digest != entry["sha256"]:
+        raise VerificationError(
+            f"{join(uri, entry['path'])} does not match {COMPLETE_MARKER} (size {size}, expected {entry['size']}; "
+            f"sha256 {digest[:12]}..., expected {entry['sha256'][:12]}...): it was changed or damaged after "
+            "publishing; publish the directory again"
+        )
+
+
+def _fetch_listed(uri: str, entry: dict[str, Any], fetch: Callable[[str], T]) -> T:
+    try:
+        return fetch(join(uri, entry["path"]))
+    except StorageNotFoundError:
+        raise VerificationError(
+            f"{join(uri, entry['path'])} is listed in {join(uri, COMPLETE_MARKER)} but does not exist: "
+            "it was deleted after publishing; publish the directory again"
+        ) from None
+
+
+def read_published_file(uri: str, name: str, marker: dict[str, Any], config: StorageConfig | None = None) -> bytes:
+    """The bytes of file `name` of the published directory `uri`, checked against its `marker` entry."""
+    entry = next((entry for entry in marker["files"] if entry["path"] == name), None)
+    if entry is None:
+        raise VerificationError(f"{join(uri, COMPLETE_MARKER)} does not list {name}: refusing {join(uri, name)}")
+    data = _fetch_listed(uri, entry, lambda file_uri: read_bytes(file_uri, config))
+    _check_entry(uri, entry, len(data), hashlib.sha256(data).hexdigest())
+    return data
+
+
+def verify_published_dir(uri: str, config: StorageConfig | None = None) -> dict[str, Any]:
+    """Check every file a completion marker lists (size and sha256, streamed, nothing kept); returns the marker."""
+
+    def stream_digest(file_uri: str) -> tuple[int, str]:
+        digest, size = hashlib.sha256(), 0
+        with open_uri(file_uri, config=config) as handle:
+            for block in iter(lambda: handle.read(MULTIPART_CHUNK_BYTES), b""):
+                digest.update(block)
+                size += len(block)
+        return size, digest.hexdigest()
+
+    marker = read_complete_marker(uri, config)
+    for entry in marker["files"]:
+        _check_entry(uri, entry, *_fetch_listed(uri, entry, stream_digest))
     return marker
 
 
 def download_published_dir(uri: str, local_dir: str | Path, config: StorageConfig | None = None) -> dict[str, Any]:
-    """Download the files a completion marker lists and check their sizes and sha256; returns the marker."""
+    """Download the files a completion marker lists and check their sizes and sha256; returns the marker.
+
+    Any file that is missing or differs raises `VerificationError` naming it.
+    """
     marker = read_complete_marker(uri, config)
     for entry in marker["files"]:
         target = Path(local_dir, entry["path"])
-        download_file(join(uri, entry["path"]), target, config)
-        size, digest = target.stat().st_size, _sha256_of(target)
-        if size != entry["size"] or digest != entry["sha256"]:
-            raise StorageError(
-                f"{join(uri, entry['path'])} does not match {COMPLETE_MARKER} (size {size}, expected "
-                f"{entry['size']}): it was overwritten after publishing; publish the directory again"
-            )
+        _fetch_listed(uri, entry, lambda file_uri, target=target: download_file(file_uri, target, config))
+        _check_entry(uri, entry, target.stat().st_size, _sha256_of(target))
     return marker
 
 

@@ -8,9 +8,11 @@ A checkpoint directory holds
     rng.safetensors          every rank's RNG states, keyed `rank<r>.<name>`
     state.json               step, data position, LR schedule, skip counts, the effective config
 and `_COMPLETE.json` (written last by services.storage.publish_dir). `<uri>/latest.json` is rewritten
-only after a directory is complete, so it never names a partial checkpoint; resuming takes the
-newest complete directory. Uploads run in a background thread: training stalls only for the local
-write (and for a previous upload still running when the next checkpoint is due).
+only after a directory is complete, so it never names a partial checkpoint; it is a pointer for
+people and tools. Readers (resume, evaluation) follow one rule, `newest_verified`: the newest
+step directory whose files match its `_COMPLETE.json` (sizes and sha256); a newer one that does
+not verify is skipped with a logged reason. Uploads run in a background thread: training stalls
+only for the local write (and for a previous upload still running when the next checkpoint is due).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 LATEST = "latest.json"
 EXPORT_DIR = "export"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+T = TypeVar("T")
 
 
 def step_dir_name(step: int) -> str:
@@ -123,16 +127,41 @@ def complete_steps(uri: str) -> list[int]:
     return sorted(steps)
 
 
-def load_latest(uri: str, local_dir: str | Path | None = None) -> Checkpoint | None:
-    """The newest complete checkpoint under `uri` (checked against its completion marker), or None."""
+def newest_verified(uri: str, verify: Callable[[str], T]) -> T | None:
+    """`verify(step dir URI)` of the newest complete checkpoint under `uri` that verifies, or None if none does.
+
+    `verify` raises `storage.VerificationError` for a checkpoint whose files do not match its marker;
+    that checkpoint is skipped (logged with the reason) for the next older one; if none verifies,
+    `VerificationError`. Any other failure, e.g. storage still unreachable after its retries,
+    propagates: it says nothing about the data.
+    """
     steps = complete_steps(uri)
-    if not steps:
-        return None
-    checkpoint_uri = storage.join(uri, step_dir_name(steps[-1]))
-    with tempfile.TemporaryDirectory(prefix="hybriddit-resume-", dir=local_dir) as scratch:
-        storage.download_published_dir(checkpoint_uri, scratch)
-        checkpoint = read_checkpoint_dir(Path(scratch), checkpoint_uri)
-    logger.info("loaded checkpoint %s (step %d)", checkpoint_uri, checkpoint.step)
+    for step in reversed(steps):
+        step_uri = storage.join(uri, step_dir_name(step))
+        try:
+            return verify(step_uri)
+        except storage.VerificationError as error:
+            logger.warning("skipping checkpoint %s: it does not verify (%s); trying the previous one", step_uri, error)
+    if steps:
+        # Starting over from step 0 would silently throw the run away: a person has to decide.
+        raise storage.VerificationError(
+            f"none of the {len(steps)} complete checkpoints under {uri} verifies (see the warnings above): restore "
+            "one, or delete them (or set checkpoint.resume=false) to start from step 0"
+        )
+    return None
+
+
+def load_latest(uri: str, local_dir: str | Path | None = None) -> Checkpoint | None:
+    """The newest checkpoint under `uri` whose files match its completion marker (see `newest_verified`), or None."""
+
+    def download(checkpoint_uri: str) -> Checkpoint:
+        with tempfile.TemporaryDirectory(prefix="hybriddit-resume-", dir=local_dir) as scratch:
+            storage.download_published_dir(checkpoint_uri, scratch)
+            return read_checkpoint_dir(Path(scratch), checkpoint_uri)
+
+    checkpoint = newest_verified(uri, download)
+    if checkpoint is not None:
+        logger.info("loaded checkpoint %s (step %d)", checkpoint.uri, checkpoint.step)
     return checkpoint
 
 

@@ -59,7 +59,7 @@ class CheckpointConfig(StrictModel):
     uri: str
     every_steps: int = Field(1000, ge=1)
     keep_last: int = Field(3, ge=1)
-    resume: bool = Field(True, description="continue from <uri>/latest.json when it exists")
+    resume: bool = Field(True, description="continue from the newest checkpoint under <uri> whose files verify")
 
 
 class ValidationConfig(StrictModel):

@@ -12,11 +12,13 @@ every rank knows every rank's share without reading a byte:
 The data position is (epoch, batches consumed in it). Resuming rebuilds the plan and skips the
 consumed batches without reading the shards before them: no sample is repeated or skipped.
 
-An address whose sample cannot be read (corrupt sample, unreadable or missing shard) keeps its
-slot as a zero-weight placeholder, counted by reason and logged, so the batch shape and the number
-of steps stay equal on every rank; `fail_on_corrupt` raises instead. A storage failure is not bad
-data and never becomes a placeholder: `services.storage` waits out an unreachable server up to its
-retry deadline, and then the stream raises and fails the job.
+Each shard's bytes are checked against the size and sha256 its cache's manifest records before
+any sample is used (bare shards without a manifest have no recorded checksum: logged once, read
+unchecked). An address whose sample cannot be read (corrupt sample, unreadable or missing shard,
+checksum mismatch) keeps its slot as a zero-weight placeholder, counted by reason and logged, so
+the batch shape and the number of steps stay equal on every rank; `fail_on_corrupt` raises instead.
+A storage failure is not bad data and never becomes a placeholder: `services.storage` waits out an
+unreachable server up to its retry deadline, and then the stream raises and fails the job.
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ PLACEHOLDER_KEY = ""
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One shard of the training set: where it is, its bucket and how many samples the index says it holds."""
+    """One shard of the training set: where it is, its bucket, how many samples the index says it holds and,
+    from a manifest, its recorded size and sha256 (None for bare shards)."""
 
     uri: str
     bucket: str
     num_samples: int
     latent_channels: int
+    num_bytes: int | None = None
+    sha256: str | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -91,7 +96,8 @@ def _is_shard_uri(uri: str) -> bool:
 def _index_manifest_cache(root: str) -> list[ShardEntry]:
     card = manifest.read_manifest(root)
     return [
-        ShardEntry(storage.join(root, shard.path), shard.bucket, shard.num_samples, card.latent_channels)
+        ShardEntry(storage.join(root, shard.path), shard.bucket, shard.num_samples, card.latent_channels,
+                   shard.num_bytes, shard.sha256)
         for shard in card.shards
         if shard.num_samples > 0
     ]
@@ -129,6 +135,10 @@ def index_shards(uris: Sequence[str], *, fail_on_corrupt: bool = False) -> list[
                 )
             found = [_index_bare_shard(tar, fail_on_corrupt) for tar in tars]
         entries.extend(entry for entry in found if entry is not None)
+    unchecked = [entry.uri for entry in entries if entry.sha256 is None]
+    if unchecked:
+        logger.warning("%d of %d shards come without a manifest (e.g. %s): no recorded sha256, so they are read "
+                       "without a checksum check", len(unchecked), len(entries), unchecked[0])
     return entries
 
 
@@ -267,9 +277,10 @@ class _ShardLoad:
 
     def __init__(self, entry: ShardEntry, fail_on_corrupt: bool) -> None:
         handler = reader.SkipCounter(fail_fast=fail_on_corrupt)
-        self.raw: dict[int, dict] = dict(reader.read_shard(entry.uri, handler))
+        self.raw: dict[int, dict] = dict(reader.read_shard(entry.uri, handler, num_bytes=entry.num_bytes,
+                                                           sha256=entry.sha256))
         # Why a planned index has no sample: the shard-level failure, if any.
-        failures = [reason for reason in ("missing_shard", "unreadable_shard", "truncated_shard")
+        failures = [reason for reason in ("checksum_mismatch", "missing_shard", "unreadable_shard", "truncated_shard")
                     if handler.counts[reason]]
         self.missing_reason = failures[0] if failures else "missing_sample"
 

@@ -63,7 +63,7 @@ class EvalConfig(StrictModel):
     """One evaluation of one checkpoint."""
 
     checkpoint: str = Field(description="an export dir (model_config.json), a step_NNNNNNN dir or a checkpoint "
-                                        "root with latest.json; local path or s3://")
+                                        "root (its newest step whose export verifies); local path or s3://")
     reference_uri: str = Field(description="held-out latent cache root (manifest.json) never trained on")
     num_samples: int = Field(500, ge=2, description="N reference samples and as many generated images")
     features: Literal["digits", "inception"] = "inception"
@@ -81,20 +81,30 @@ class EvalConfig(StrictModel):
 
 
 def resolve_export(checkpoint: str) -> tuple[str, str]:
-    """(export URI, directory the report goes in) for an export dir, a step dir or a checkpoint root."""
+    """(export URI, directory the report goes in) for an export dir, a step dir or a checkpoint root.
+
+    A checkpoint root resolves like resume does (`checkpoint.newest_verified`): the newest step whose
+    export matches its marker.
+    """
     from services import storage
-    from trainer.checkpoint import EXPORT_DIR, LATEST
+    from trainer.checkpoint import EXPORT_DIR, newest_verified
     from trainer.export import CONFIG_FILE
 
     if storage.exists(storage.join(checkpoint, CONFIG_FILE)):
         return checkpoint, checkpoint
     if storage.exists(storage.join(checkpoint, EXPORT_DIR, CONFIG_FILE)):
         return storage.join(checkpoint, EXPORT_DIR), checkpoint
-    if storage.exists(storage.join(checkpoint, LATEST)):
-        step_dir = storage.join(checkpoint, storage.read_json(storage.join(checkpoint, LATEST))["path"])
+
+    def verified_export(step_dir: str) -> tuple[str, str]:
+        storage.verify_published_dir(storage.join(step_dir, EXPORT_DIR))
         return storage.join(step_dir, EXPORT_DIR), step_dir
-    raise FileNotFoundError(f"checkpoint {checkpoint} holds neither {CONFIG_FILE}, {EXPORT_DIR}/{CONFIG_FILE} nor "
-                            f"{LATEST}: pass an export dir, a step_NNNNNNN dir or a train job's checkpoint.uri")
+
+    resolved = newest_verified(checkpoint, verified_export)
+    if resolved is None:
+        raise FileNotFoundError(f"checkpoint {checkpoint} holds neither {CONFIG_FILE}, {EXPORT_DIR}/{CONFIG_FILE} nor "
+                                "a complete step_NNNNNNN checkpoint whose export verifies: pass an export dir, a "
+                                "step_NNNNNNN dir or a train job's checkpoint.uri")
+    return resolved
 
 
 def read_reference(cache_uri: str, num_samples: int) -> tuple[torch.Tensor, list[str]]:

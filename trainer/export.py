@@ -1,4 +1,8 @@
-"""The exported model: `model.safetensors` + `model_config.json` (DiT config, codec, text encoder, latent norm)."""
+"""The exported model: `model.safetensors` + `model_config.json` (DiT config, codec, text encoder, latent norm).
+
+An export carries its own `_COMPLETE.json` (sizes and sha256 of both files, see `services.storage`),
+written last; every load checks the files against it, so a damaged or tampered export is refused.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pydantic import Field
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
+from services import storage
 from services.config import StrictModel
 from trainer.models import DiTConfig, HybridDiT
 
@@ -47,25 +52,29 @@ def save_exported_model(out_dir: str | Path, model: HybridDiT, *, codec: dict[st
     config = ExportedModelConfig(model=model.config, codec=codec, text_encoder=text_encoder,
                                  latent_normalisation=latent_normalisation or LatentNormalisation())
     (out / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    storage.write_complete_marker(out)
     return out
 
 
-def _read(source: str | Path, name: str) -> bytes:
-    """One file of an export from a local dir or any URI `services.storage` serves (s3://, file://)."""
-    from services import storage  # s3fs/aiobotocore import only when an export is read
-
-    return storage.read_bytes(storage.join(str(source), name))
-
-
 def read_exported(source: str | Path) -> tuple[dict[str, torch.Tensor], ExportedModelConfig]:
-    """The state dict and validated config of an export at `source` (dir or s3:// prefix)."""
+    """The state dict and validated config of an export at `source` (dir or s3:// prefix), verified by its marker."""
+    source = str(source)
     try:
-        config_json = json.loads(_read(source, CONFIG_FILE))
+        marker = storage.read_complete_marker(source)
+    except storage.IncompleteDirectoryError:
+        raise storage.StorageNotFoundError(
+            f"{source} is not a complete export: it has no {storage.COMPLETE_MARKER} (an export holds "
+            f"{CONFIG_FILE}, {WEIGHTS_FILE} and {storage.COMPLETE_MARKER}, written by save_exported_model; "
+            "pass a checkpoint's export/ directory or export the model again)"
+        ) from None
+    try:
+        config_json = json.loads(storage.read_published_file(source, CONFIG_FILE, marker))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source}/{CONFIG_FILE} is not valid JSON: {exc}") from None
     if config_json.get("format") != FORMAT:
         raise ValueError(f"{source}/{CONFIG_FILE} has format {config_json.get('format')!r}, expected {FORMAT!r}")
-    return load_safetensors_bytes(_read(source, WEIGHTS_FILE)), ExportedModelConfig.model_validate(config_json)
+    weights = load_safetensors_bytes(storage.read_published_file(source, WEIGHTS_FILE, marker))
+    return weights, ExportedModelConfig.model_validate(config_json)
 
 
 def load_exported_model(source: str | Path, device: str | torch.device = "cpu"

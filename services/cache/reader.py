@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
@@ -63,20 +64,38 @@ class _ShardList(torch.utils.data.IterableDataset):
             yield shard_index, self.uris[shard_index]
 
 
-def read_shard(uri: str, handler: SkipCounter) -> Iterator[tuple[int, dict[str, Any]]]:
+def checksum_problem(data: bytes | memoryview, num_bytes: int, sha256: str) -> str | None:
+    """What differs between fetched shard bytes and the size and sha256 the manifest recorded, or None."""
+    if len(data) != num_bytes:
+        return f"{len(data)} bytes, the manifest records {num_bytes}"
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        return f"sha256 {digest}, the manifest records {sha256}"
+    return None
+
+
+def read_shard(uri: str, handler: SkipCounter, *, num_bytes: int | None = None,
+               sha256: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(sample index, files of the sample) for each sample of one shard, undecoded.
 
     The shard is fetched whole with one request (shards are at most `max_shard_bytes`, 128 MiB by
     default) and the files are views into that buffer. A missing, garbled or cut shard is reported
-    to `handler` by reason; the samples before a garbled or cut point are still yielded. Any other
-    storage failure raises: a server that is down is waited out by `storage` up to its retry
-    deadline and then fails the reader, because it says nothing about the data.
+    to `handler` by reason; the samples before a garbled or cut point are still yielded. Given the
+    manifest's `num_bytes` and `sha256`, a shard whose bytes differ yields nothing and is reported
+    as `checksum_mismatch`: none of its samples can be trusted. Any other storage failure raises: a
+    server that is down is waited out by `storage` up to its retry deadline and then fails the
+    reader, because it says nothing about the data.
     """
     try:
         shard_bytes = storage.read_bytes(uri)
     except storage.StorageNotFoundError as error:
         handler("missing_shard", uri, error)
         return
+    if sha256 is not None and num_bytes is not None:
+        problem = checksum_problem(shard_bytes, num_bytes, sha256)
+        if problem is not None:
+            handler("checksum_mismatch", uri, ValueError(f"shard bytes differ from the manifest: {problem}"))
+            return
     try:
         archive = TarMembers(memoryview(shard_bytes))
         members = ({"fname": name, "data": data, "__url__": uri} for name, data in archive)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -204,7 +205,12 @@ def test_resubmitting_after_the_driver_is_killed_gives_the_uninterrupted_key_set
     argv = streaming_args(many_photos, out)
     kill_during_run(ray_cluster, argv, out, lambda marker: job_processes(marker))
     finished_before = len(list_progress(out))
-    summary = run_job(ray_cluster, argv)
+    # The killed driver's writer lease has not expired: a resubmission is refused, naming that job...
+    refused = ray_cluster.submit(argv, timeout=JOB_TIMEOUT_S)
+    assert refused.returncode != 0
+    assert re.search(r"is being written by Ray job raysubmit_\w+ \(pid \d+ on ", refused.stdout + refused.stderr)
+    # ...until the operator, who knows it is dead, breaks the lease.
+    summary = run_job(ray_cluster, [*argv, "--break-lease"])
     keys = cached_keys(out)
     assert summary["units_already_done"] >= finished_before >= 1 and finished_before < summary["units_selected"]
     assert sorted(keys) == sorted(uninterrupted_keys) and len(set(keys)) == len(keys)

@@ -143,3 +143,54 @@ def test_a_30_s_s3_outage_during_a_checkpoint_upload_is_waited_out_and_the_check
     assert all(torch.equal(resumed.model[name], value) for name, value in saved["model"].items())
     assert torch.equal(resumed.optimizer["state"][3]["exp_avg_sq"], saved["optimizer"]["state"][3]["exp_avg_sq"])
     print(f"checkpoint upload with a {outage.seconds:.1f} s outage took {seconds:.1f} s")
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies_on_s3(s3_server, request, caplog):
+    root = s3_server.uri("checkpoints", f"{request.node.name}-{time.monotonic_ns()}")
+    publisher = ckpt.CheckpointPublisher(root, keep_last=3)
+    for step in (1, 2, 3):
+        publisher.save(step, **contents(step, float(step)))
+    publisher.wait()
+    damaged = storage.join(root, ckpt.step_dir_name(3), "optimizer.safetensors")
+    data = bytearray(storage.read_bytes(damaged))
+    data[-1] ^= 0xFF  # one flipped bit of optimizer state: safetensors would load it without complaint
+    storage.write_bytes(damaged, bytes(data))
+
+    with caplog.at_level("WARNING", logger="trainer.checkpoint"):
+        loaded = ckpt.load_latest(root)
+    assert loaded.step == 2 and loaded.uri == storage.join(root, ckpt.step_dir_name(2))
+    assert torch.all(loaded.model["weight"] == 2.0)
+    skipped = [record.message for record in caplog.records if "skipping checkpoint" in record.message]
+    assert len(skipped) == 1
+    assert skipped[0].startswith(f"skipping checkpoint {storage.join(root, ckpt.step_dir_name(3))}: it does not verify")
+    assert "optimizer.safetensors does not match _COMPLETE.json" in skipped[0]
+
+
+def test_resume_refuses_to_start_over_when_no_checkpoint_verifies(tmp_path):
+    root = str(tmp_path / "ckpts")
+    publisher = ckpt.CheckpointPublisher(root, keep_last=2)
+    for step in (1, 2):
+        publisher.save(step, **contents(step, float(step)))
+    publisher.wait()
+    for step in (1, 2):
+        (tmp_path / "ckpts" / ckpt.step_dir_name(step) / "state.json").write_text("{}")
+    with pytest.raises(storage.VerificationError, match="none of the 2 complete checkpoints under .* verifies"):
+        ckpt.load_latest(root)
+
+
+def test_the_export_inside_a_checkpoint_carries_its_own_marker_uploaded_after_its_files(tmp_path, monkeypatch):
+    from trainer.export import save_exported_model
+    from trainer.models import build_model
+
+    uploaded = []
+    real_upload = storage.upload_file
+    monkeypatch.setattr(storage, "upload_file", lambda local, uri, config=None: (uploaded.append(uri.rsplit(
+        "/step_0000001/", 1)[1]), real_upload(local, uri, config)))
+    publisher = ckpt.CheckpointPublisher(str(tmp_path / "ckpts"), keep_last=1)
+    step = contents(1, 1.0) | {"write_export": lambda directory: save_exported_model(
+        directory, build_model("HybridDiT-tiny"), codec={}, text_encoder={})}
+    publisher.save(1, **step)
+    publisher.wait()
+    export_files = [name for name in uploaded if name.startswith("export/")]
+    assert export_files == ["export/model.safetensors", "export/model_config.json", "export/_COMPLETE.json"]
+    storage.verify_published_dir(str(tmp_path / "ckpts" / ckpt.step_dir_name(1) / "export"))

@@ -120,7 +120,28 @@ def test_a_corrupt_shard_becomes_counted_zero_weight_placeholders(cache, loader_
     zero_weights = sum(int((batch["weights"] == 0).sum()) for batch in batches)
     assert placeholders > 0
     assert zero_weights == placeholders == sum(training_stream.skipped.values())
+    # The manifest records the shard's sha256: the garbled bytes are caught before the tar is parsed.
+    assert set(training_stream.skipped) == {"checksum_mismatch"}
+
+
+def test_a_garbled_shard_without_a_manifest_becomes_unreadable_shard_placeholders(tmp_path, caplog):
+    prefix = tmp_path / "reference"
+    write_reference_shard(str(prefix / "000.tar"), [f"a{i}" for i in range(8)])
+    write_reference_shard(str(prefix / "001.tar"), [f"b{i}" for i in range(8)], seed=1)
+    with caplog.at_level("WARNING", logger="trainer.data"):
+        shards = index_shards([str(prefix)])
+    assert [record.message for record in caplog.records].count(
+        f"2 of 2 shards come without a manifest (e.g. {shards[0].uri}): no recorded sha256, so they are read "
+        "without a checksum check") == 1
+    with open(shards[1].uri, "r+b") as handle:
+        handle.seek(700)
+        handle.write(b"\xff" * 4000)
+    training_stream = stream(shards)
+    batches = take(training_stream, len(training_stream.plan(0)))
+    placeholders = sum(key == PLACEHOLDER_KEY for batch in batches for key in batch["keys"])
+    assert placeholders > 0
     assert set(training_stream.skipped) <= {"unreadable_shard", "corrupt_sample"}
+    assert sum(training_stream.skipped.values()) == placeholders
 
 
 @pytest.mark.parametrize("loader_process", [False, True], ids=["threads", "loader-process"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -70,17 +68,23 @@ def test_fid_is_the_squared_mean_shift_and_kid_grows_with_it():
     assert abs(same["kid_mean"]) < 3 * same["kid_std"] < near["kid_mean"] < far["kid_mean"]
 
 
-def test_resolve_export_follows_latest_json_to_the_newest_step_export(tmp_path):
-    step_dir = tmp_path / "step_0000040"
-    (step_dir / "export").mkdir(parents=True)
-    (step_dir / "export" / "model_config.json").write_text("{}")
-    (tmp_path / "latest.json").write_text(json.dumps({"step": 40, "path": "step_0000040"}))
-    assert resolve_export(str(tmp_path)) == (str(step_dir / "export"), str(step_dir))
-    assert resolve_export(str(step_dir)) == (str(step_dir / "export"), str(step_dir))
+def test_resolve_export_of_a_root_takes_the_newest_step_whose_export_verifies(tmp_path):
+    for step in (20, 40):
+        staging = tmp_path / "staging" / str(step)
+        save_exported_model(staging / "export", build_model("HybridDiT-tiny"), codec=PIXEL_CODEC,
+                            text_encoder=TINY_MINILM)
+        storage.publish_dir(staging, str(tmp_path / "ckpt" / f"step_{step:07d}"))
+    root, newest, older = tmp_path / "ckpt", tmp_path / "ckpt" / "step_0000040", tmp_path / "ckpt" / "step_0000020"
+    assert resolve_export(str(root)) == (str(newest / "export"), str(newest))
+    assert resolve_export(str(newest)) == (str(newest / "export"), str(newest))
+
+    weights = newest / "export" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # damaged after publishing
+    assert resolve_export(str(root)) == (str(older / "export"), str(older))
 
 
 def test_resolve_export_of_a_folder_without_a_model_names_what_it_looked_for(tmp_path):
-    with pytest.raises(FileNotFoundError, match="latest.json"):
+    with pytest.raises(FileNotFoundError, match="nor a complete step_NNNNNNN checkpoint whose export verifies"):
         resolve_export(str(tmp_path))
 
 
