@@ -162,21 +162,26 @@ def _grouped(members: Iterable[tuple[str, bytes | None]]) -> Iterator[dict[str, 
     """WebDataset's grouping of consecutive `<key>.<ext>` files, with a failure reason instead of an exception
     for a sample whose file repeats, is over the size cap (contents None), or has no usable name."""
     sample: dict[str, Any] | None = None
-    for name, contents in members:
-        key, extension = base_plus_ext(name)
-        printable = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        if key is None or printable != name:  # no extension, or not UTF-8: no usable sample key
-            yield {"__key__": printable or "unnamed", "__failure__": "bad_member_name"}
-            continue
-        extension = extension.lower()
-        if sample is None or key != sample["__key__"]:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key}
-        if extension in sample:
-            sample["__failure__"] = "duplicate_member"
-        elif contents is None:
-            sample["__failure__"] = "member_too_large"
-        sample[extension] = contents
+    try:
+        for name, contents in members:
+            key, extension = base_plus_ext(name)
+            printable = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            if key is None or printable != name:  # no extension, or not UTF-8: no usable sample key
+                yield {"__key__": printable or "unnamed", "__failure__": "bad_member_name"}
+                continue
+            extension = extension.lower()
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key}
+            if extension in sample:
+                sample["__failure__"] = "duplicate_member"
+            elif contents is None:
+                sample["__failure__"] = "member_too_large"
+            sample[extension] = contents
+    except TarFormatError:  # the files read whole before the damage still make a sample
+        if sample is not None:
+            yield sample
+        raise
     if sample is not None:
         yield sample

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 import requests
-from pydantic import Field
+from pydantic import Field, IPvAnyNetwork
 
 from pipelines.preprocess import SampleRejected, clean_caption
 from pipelines.sources.base import InputUnit, RawSample
@@ -55,9 +55,10 @@ class LaionConfig(StrictModel):
     )
     max_bytes: int = Field(default=32 * 2**20, gt=0, description="larger downloads are aborted as too_large")
     max_redirects: int = Field(default=5, ge=0, description="more redirects than this: too_many_redirects")
-    allow_private_addresses: bool = Field(
-        default=False, description="also fetch from hosts that resolve to loopback, private, link-local or "
-        "multicast addresses (refused as blocked_<kind> otherwise; tests with a loopback server set it)",
+    allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="networks fetched from although they are loopback, private, link-local "
+        "or multicast (refused as blocked_<kind> otherwise), e.g. ['127.0.0.1/32'] for a test server or an "
+        "internal mirror's subnet; never needed for public URLs",
     )
     concurrency: int = Field(default=16, ge=1, description="parallel fetches per unit")
     user_agent: str = "hybriddit-factory/0.1 (research image-text dataset builder)"
@@ -100,7 +101,7 @@ class LaionSource:
         rows = self._read_rows(unit)
         config = self.config
         session = make_session(retries=config.retries, backoff_s=config.backoff_s, pool_size=config.concurrency,
-                               user_agent=config.user_agent, allow_private_addresses=config.allow_private_addresses)
+                               user_agent=config.user_agent, allowed_networks=tuple(config.allowed_networks))
         with session, ThreadPoolExecutor(config.concurrency) as pool:
             # A bounded window of in-flight fetches keeps memory flat and the output in row order.
             pending: deque[Future[RawSample]] = deque()

@@ -59,11 +59,17 @@ class FetchLimits:
     max_redirects: int
 
 
-def address_kind(address: str) -> str | None:
-    """Why an address is not fetched from (`loopback`, `link_local`, `multicast`, `private`), or None if public."""
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def address_kind(address: str, allowed: tuple[Network, ...] = ()) -> str | None:
+    """Why an address is not fetched from (`loopback`, `link_local`, `multicast`, `private`); None if it is
+    public or inside one of the `allowed` networks."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone index
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if any(ip in network for network in allowed):
+        return None
     if ip.is_loopback:
         return "loopback"
     if ip.is_link_local:
@@ -75,22 +81,24 @@ def address_kind(address: str) -> str | None:
     return None
 
 
-def public_address(host: str, port: int) -> str:
+def public_address(host: str, port: int, allowed: tuple[Network, ...] = ()) -> str:
     """The address to connect to for `host`, after checking every address it resolves to."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     for *_, sockaddr in infos:
-        kind = address_kind(sockaddr[0])
+        kind = address_kind(sockaddr[0], allowed)
         if kind is not None:
             raise BlockedAddress(host, sockaddr[0], kind)
     return infos[0][4][0]
 
 
 class _PublicOnlyConnection(HTTPConnection):
+    allowed_networks: tuple[Network, ...] = ()
+
     def _new_conn(self) -> socket.socket:
         name = self._dns_host
         try:
             # Connect to the checked address itself: a second lookup could answer differently (DNS rebinding).
-            self._dns_host = public_address(name, self.port)
+            self._dns_host = public_address(name, self.port, self.allowed_networks)
         except socket.gaierror as error:
             raise NameResolutionError(name, self, error) from error
         try:
@@ -103,30 +111,36 @@ class _PublicOnlyHTTPSConnection(_PublicOnlyConnection, HTTPSConnection):
     pass
 
 
-class _PublicOnlyPool(HTTPConnectionPool):
-    ConnectionCls = _PublicOnlyConnection
-
-
-class _PublicOnlyHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _PublicOnlyHTTPSConnection
-
-
 class _PublicOnlyAdapter(HTTPAdapter):
+    """An adapter whose connections refuse non-public addresses outside `allowed_networks`."""
+
+    def __init__(self, allowed_networks: tuple[Network, ...], **kwargs) -> None:
+        # urllib3 builds connections from classes, so the allowance travels as a class attribute.
+        policy = {"allowed_networks": allowed_networks}
+        self.pool_classes = {
+            "http": type("PublicOnlyPool", (HTTPConnectionPool,), {
+                "ConnectionCls": type("PublicOnlyConnection", (_PublicOnlyConnection,), policy)}),
+            "https": type("PublicOnlyHTTPSPool", (HTTPSConnectionPool,), {
+                "ConnectionCls": type("PublicOnlyHTTPSConnection", (_PublicOnlyHTTPSConnection,), policy)}),
+        }
+        super().__init__(**kwargs)
+
     def init_poolmanager(self, *args, **kwargs) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _PublicOnlyPool, "https": _PublicOnlyHTTPSPool}
+        self.poolmanager.pool_classes_by_scheme = self.pool_classes
 
 
 def make_session(*, retries: int, backoff_s: float, pool_size: int, user_agent: str,
-                 allow_private_addresses: bool) -> requests.Session:
-    """A session whose adapter retries transient failures (urllib3 Retry) and, by default, only reaches public hosts."""
+                 allowed_networks: tuple[Network, ...] = ()) -> requests.Session:
+    """A session whose adapter retries transient failures (urllib3 Retry) and only reaches public hosts and
+    `allowed_networks`."""
     retry = Retry(
         total=retries, backoff_factor=backoff_s, status_forcelist=RETRIED_STATUSES, allowed_methods={"GET"},
         raise_on_status=False,  # the last retryable status comes back as a response: counted as http_<code>
         respect_retry_after_header=False,  # a hostile Retry-After could park a fetch thread for hours
     )
-    adapter_class = HTTPAdapter if allow_private_addresses else _PublicOnlyAdapter
-    adapter = adapter_class(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=retry)
+    adapter = _PublicOnlyAdapter(allowed_networks, pool_connections=pool_size, pool_maxsize=pool_size,
+                                 max_retries=retry)
     session = requests.Session()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
