@@ -16,6 +16,7 @@ import tarfile
 from collections import Counter
 
 import pytest
+from pydantic import ValidationError
 
 from pipelines.preprocess import PreprocessConfig
 from pipelines.sources import FineT2IConfig, FolderConfig, LaionConfig, build_source
@@ -347,3 +348,34 @@ def test_damaged_cache_shards_are_counted_by_reason(tmp_path):
     assert {name: sorted(counts) for name, counts in observed.items()} == {
         name: [reason] for name, reason in expected("cache").items()}
     assert cache_reasons(str(shard)) == Counter()  # the undamaged shard reads clean
+
+
+def test_laion_fetches_only_public_hosts_by_default_and_refuses_before_connecting(tmp_path, image_server):
+    port = image_server.base_url.rsplit(":", 1)[1]
+    urls = [image_server.url("image/rocket.jpg?default-policy"), f"http://localhost:{port}/image/rocket.jpg"]
+    path = make_laion_parquet(tmp_path / "p.parquet", [{"URL": url, "TEXT": "a rocket"} for url in urls])
+    settings = {name: value for name, value in LAION_FETCH_SETTINGS.items() if name != "allowed_networks"}
+
+    samples = [s for unit in build_source(LaionConfig(uris=[str(path)], **settings)).list_units()
+               for s in build_source(LaionConfig(uris=[str(path)], **settings)).iter_samples(unit)]
+
+    assert [sample.failure for sample in samples] == ["blocked_loopback", "blocked_loopback"]
+    assert image_server.hits["/image/rocket.jpg?default-policy"] == 0  # refused before any connection
+    assert image_server.hits["/image/rocket.jpg"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_laion_retries_with_urllib3_and_ignores_a_hostile_retry_after(tmp_path, image_server):
+    url = image_server.url("retry-after/coffee.jpg")
+    path = make_laion_parquet(tmp_path / "p.parquet", [{"URL": url, "TEXT": "a cup of coffee"}])
+
+    [sample] = [s for unit in build_source(LaionConfig(uris=[str(path)], **LAION_FETCH_SETTINGS)).list_units()
+                for s in build_source(LaionConfig(uris=[str(path)], **LAION_FETCH_SETTINGS)).iter_samples(unit)]
+
+    assert sample.failure is None and sample.image_bytes[:2] == b"\xff\xd8"
+    assert image_server.hits["/retry-after/coffee.jpg"] == 2  # retried once, without waiting an hour
+
+
+def test_image_formats_must_be_pillow_formats():
+    with pytest.raises(ValidationError, match="'JPG'"):
+        PreprocessConfig(image_formats=["JPG"])
