@@ -22,7 +22,7 @@ from tests.fixtures.tar_mutations import header_offsets, mutated_archives
 from tests.trainer.tiny_cache import write_reference_shard, write_tiny_cache
 
 FUZZ_EXAMPLES = 300
-SLOW_FUZZ_EXAMPLES = 5000
+SLOW_FUZZ_EXAMPLES = 3000
 CASE_DEADLINE = timedelta(seconds=5)  # a real case takes milliseconds; 5 s leaves room for a loaded machine
 
 

@@ -22,8 +22,8 @@ from pipelines.sources.finet2i import FineT2IConfig, FineT2ISource
 from tests.fixtures.corpora import PHOTOS, finet2i_records, make_finet2i_tar
 from tests.fixtures.tar_mutations import header_offsets, mutated_archives
 
-FUZZ_EXAMPLES = 200
-SLOW_FUZZ_EXAMPLES = 3000
+FUZZ_EXAMPLES = 100
+SLOW_FUZZ_EXAMPLES = 2000
 CASE_DEADLINE = timedelta(seconds=10)  # a case decodes two photos; 10 s leaves room for a loaded machine
 PREPROCESS = PreprocessConfig(resolution=64, multiple_of=32)
 
