@@ -203,10 +203,12 @@ def _pax_records(payload: memoryview | bytes, offset: int) -> dict[str, str | in
     position = 0
     while position < len(text):
         space = text.find(b" ", position, position + 21)
-        length = int(text[position:space]) if space > position and text[position:space].isdigit() else 0
+        digits = text[position:space] if space > position else b""
+        length = int(digits) if digits.isdigit() else 0
         end = position + length
-        # The shortest record is "<len> k=\n": anything shorter, or running past the payload, is garbage.
-        if length < space - position + 4 or end > len(text) or text[end - 1] != ord("\n"):
+        # The shortest record is "<len> k=\n": anything shorter (a zero length would never move on), or
+        # running past the payload, is garbage.
+        if length < len(digits) + 4 or end > len(text) or text[end - 1] != ord("\n"):
             raise TarFormatError(f"pax record at byte {offset + position} is malformed: {text[position:position + 40]!r}")
         key, equals, value = text[space + 1:end - 1].partition(b"=")
         if not equals:

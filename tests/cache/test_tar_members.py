@@ -140,3 +140,11 @@ def test_a_stream_yields_the_same_members_and_skips_those_over_the_cap_unread(se
     members = [(name, None if contents is None else bytes(contents)) for name, contents in archive]
     assert members == [(name, contents if len(contents) <= 300 else None) for name, contents in FILES.items()]
     assert archive.complete
+
+
+@pytest.mark.timeout(10)
+def test_a_pax_record_without_a_length_after_a_good_one_raises_instead_of_looping():
+    # Found by the fuzz test: after a well-formed record the next one has no "<len> " prefix at all.
+    data = build_tar({"a.txt": b"1", "b.txt": b"2"})
+    with pytest.raises(TarFormatError, match="pax record"):
+        read(data[:1024] + pax_header([b"10 path=x\n", b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n"]) + data[1024:])
