@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from services.config import StrictModel
 
@@ -48,6 +48,20 @@ class PreprocessConfig(StrictModel):
     multiple_of: int = Field(
         default=32, gt=0, description="the codec's downscale factor; sizes must divide by it"
     )
+    image_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP"], min_length=1,
+        description="the only Pillow decoders run on input bytes (others are unsupported_format); every extra "
+        "format is more parser exposed to outside files",
+    )
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_to_pillow(cls, formats: list[str]) -> list[str]:
+        Image.init()
+        unknown = [name for name in formats if name not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"image_formats {unknown} are not Pillow formats (it reads {sorted(Image.OPEN)})")
+        return formats
 
     @model_validator(mode="after")
     def _sizes_fit_the_codec(self) -> PreprocessConfig:
@@ -121,10 +135,17 @@ def _open_header(image_bytes: bytes, config: PreprocessConfig) -> Image.Image:
     if not image_bytes:
         raise SampleRejected("empty_file", "zero bytes")
     try:
-        image = Image.open(io.BytesIO(image_bytes))
+        image = Image.open(io.BytesIO(image_bytes), formats=config.image_formats)
+    except UnidentifiedImageError as exc:
+        sniffed = _sniffed_format(image_bytes)
+        if sniffed is not None and sniffed not in config.image_formats:
+            raise SampleRejected(
+                "unsupported_format", f"a {sniffed} file; image_formats={config.image_formats}"
+            ) from None
+        raise SampleRejected("decode_error", f"{type(exc).__name__}: {exc}") from None
     except Image.DecompressionBombError as exc:
         raise SampleRejected("decompression_bomb", str(exc)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise SampleRejected("decode_error", f"{type(exc).__name__}: {exc}") from None
     width, height = image.size
     if width * height > config.max_pixels:
@@ -134,6 +155,21 @@ def _open_header(image_bytes: bytes, config: PreprocessConfig) -> Image.Image:
     if min(width, height) < config.min_size:
         raise SampleRejected("too_small", f"{width}x{height}, shorter side < min_size={config.min_size}")
     return image
+
+
+def _sniffed_format(image_bytes: bytes) -> str | None:
+    """The format whose signature the bytes start with, found by Pillow's prefix checks alone (no decoder runs)."""
+    Image.init()
+    prefix = image_bytes[:16]
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            matched = accept is not None and accept(prefix)
+        except Exception:  # noqa: BLE001 - a signature check that trips on odd bytes just does not match
+            continue
+        if matched and not isinstance(matched, str):  # a str is Pillow's "recognised but unreadable" note
+            return name
+    return None
 
 
 def _upright_size(image: Image.Image) -> tuple[int, int]:

@@ -28,6 +28,9 @@ class DataConfig(StrictModel):
         "training process, in threads")
     prefetch_batches: int = Field(4, ge=1, description="collated batches the loader process keeps ready")
     fail_on_corrupt: bool = Field(False, description="raise on an unreadable shard/sample instead of skipping it")
+    batch_timeout_s: float = Field(
+        300.0, gt=0, description="longest wait for one batch's shards (and for the loader process's next batch); "
+        "past it the step fails loudly instead of one stuck read hanging the whole DDP group")
 
 
 class ModelSection(StrictModel):

@@ -28,6 +28,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,11 +37,17 @@ import torch
 from services import storage
 from services.cache import layout, manifest, reader
 from services.cache.schema import CacheFormatError, CacheSample, decode_sample
+from trainer.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
 Address = tuple[int, int]  # (shard id in the index, sample index within the shard)
 PLACEHOLDER_KEY = ""
+DEFAULT_BATCH_TIMEOUT_S = DataConfig.model_fields["batch_timeout_s"].default
+
+
+class DataTimeoutError(RuntimeError):
+    """A batch's data did not arrive within `data.batch_timeout_s`: the step fails rather than hang the group."""
 
 
 @dataclass(frozen=True)
@@ -293,12 +300,14 @@ class CacheStream:
     """
 
     def __init__(self, shards: Sequence[ShardEntry], plan: Sequence[PlannedBatch], *, start_batch: int = 0,
-                 placeholder_text: np.ndarray, prefetch_shards: int = 2, fail_on_corrupt: bool = False) -> None:
+                 placeholder_text: np.ndarray, prefetch_shards: int = 2, fail_on_corrupt: bool = False,
+                 batch_timeout_s: float = DEFAULT_BATCH_TIMEOUT_S) -> None:
         self.shards = list(shards)
         self.plan = list(plan[start_batch:])
         self.prefetch_shards = prefetch_shards
         self.fail_on_corrupt = fail_on_corrupt
         self.placeholder_text = placeholder_text
+        self.batch_timeout_s = batch_timeout_s
 
     def _need_order(self) -> tuple[list[int], Counter[int]]:
         """Shard ids in the order batches first touch them, and how many planned samples each still serves."""
@@ -318,35 +327,48 @@ class CacheStream:
                 first_batch_of.setdefault(shard_id, index)
         loads: dict[int, Future[_ShardLoad]] = {}
         next_to_submit = 0
-        with ThreadPoolExecutor(max_workers=max(1, self.prefetch_shards), thread_name_prefix="cache-read") as pool:
-            try:
-                for index, batch in enumerate(self.plan):
-                    # Submit every shard this batch needs, and keep `prefetch_shards` more read ahead.
-                    while next_to_submit < len(order) and (
-                        first_batch_of[order[next_to_submit]] <= index
-                        or sum(1 for s in loads if first_batch_of[s] > index) < self.prefetch_shards
-                    ):
-                        shard_id = order[next_to_submit]
-                        loads[shard_id] = pool.submit(_ShardLoad, self.shards[shard_id], self.fail_on_corrupt)
-                        next_to_submit += 1
-                    samples, weights, placeholders = [], [], Counter[str]()
-                    for shard_id, sample_index in batch.addresses:
-                        sample, failure = self._sample(loads[shard_id].result(), shard_id, sample_index)
-                        if failure is not None:
-                            placeholders[failure] += 1
-                        samples.append(sample)
-                        weights.append(0.0 if sample.key == PLACEHOLDER_KEY else 1.0)
-                        uses[shard_id] -= 1
-                        if uses[shard_id] == 0:
-                            del loads[shard_id]  # the window moved on: release the shard's samples
-                    collated = reader.collate(samples)
-                    collated["weights"] = torch.tensor(weights)
-                    collated["bucket"] = batch.bucket
-                    collated["placeholders"] = dict(placeholders)
-                    yield collated
-            finally:
-                for future in loads.values():
-                    future.cancel()
+        pool = ThreadPoolExecutor(max_workers=max(1, self.prefetch_shards), thread_name_prefix="cache-read")
+        stuck = False
+        try:
+            for index, batch in enumerate(self.plan):
+                # Submit every shard this batch needs, and keep `prefetch_shards` more read ahead.
+                while next_to_submit < len(order) and (
+                    first_batch_of[order[next_to_submit]] <= index
+                    or sum(1 for s in loads if first_batch_of[s] > index) < self.prefetch_shards
+                ):
+                    shard_id = order[next_to_submit]
+                    loads[shard_id] = pool.submit(_ShardLoad, self.shards[shard_id], self.fail_on_corrupt)
+                    next_to_submit += 1
+                samples, weights, placeholders = [], [], Counter[str]()
+                for shard_id, sample_index in batch.addresses:
+                    sample, failure = self._sample(self._loaded(loads[shard_id], shard_id), shard_id, sample_index)
+                    if failure is not None:
+                        placeholders[failure] += 1
+                    samples.append(sample)
+                    weights.append(0.0 if sample.key == PLACEHOLDER_KEY else 1.0)
+                    uses[shard_id] -= 1
+                    if uses[shard_id] == 0:
+                        del loads[shard_id]  # the window moved on: release the shard's samples
+                collated = reader.collate(samples)
+                collated["weights"] = torch.tensor(weights)
+                collated["bucket"] = batch.bucket
+                collated["placeholders"] = dict(placeholders)
+                yield collated
+        except DataTimeoutError:
+            stuck = True
+            raise
+        finally:
+            for future in loads.values():
+                future.cancel()
+            pool.shutdown(wait=not stuck, cancel_futures=True)  # a stuck read's thread is left behind
+
+    def _loaded(self, load: Future[_ShardLoad], shard_id: int) -> _ShardLoad:
+        try:
+            return load.result(timeout=self.batch_timeout_s)
+        except FutureTimeout:
+            raise DataTimeoutError(
+                f"{self.shards[shard_id].uri} was not read within data.batch_timeout_s={self.batch_timeout_s} s "
+                "(storage stalled?): failing the step instead of hanging every rank") from None
 
     def _sample(self, load: _ShardLoad, shard_id: int, sample_index: int) -> tuple[CacheSample, str | None]:
         """The decoded sample, or a placeholder and the reason it stands in."""
@@ -386,13 +408,14 @@ class TrainingStream:
     def __init__(self, shards: Sequence[ShardEntry], *, seed: int, rank: int, world_size: int, batch_per_rank: int,
                  window_shards: int, placeholder_text: np.ndarray, prefetch_shards: int = 2,
                  fail_on_corrupt: bool = False, start: DataPosition | None = None, loader_process: bool = False,
-                 prefetch_batches: int = 4) -> None:
+                 prefetch_batches: int = 4, batch_timeout_s: float = DEFAULT_BATCH_TIMEOUT_S) -> None:
         self.shards = list(shards)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_per_rank, self.window_shards = batch_per_rank, window_shards
         self.prefetch_shards, self.fail_on_corrupt = prefetch_shards, fail_on_corrupt
         self.placeholder_text = placeholder_text
         self.loader_process, self.prefetch_batches = loader_process, prefetch_batches
+        self.batch_timeout_s = batch_timeout_s
         self.position = start or DataPosition(0, 0, world_size, batch_per_rank)
         # Samples replaced by a zero-weight placeholder, by reason.
         self.skipped: Counter[str] = Counter()
@@ -408,7 +431,8 @@ class TrainingStream:
         start = rescale_position(self.position, self.world_size, self.batch_per_rank, len(plan)).batches
         while True:
             stream = CacheStream(self.shards, plan, start_batch=start, prefetch_shards=self.prefetch_shards,
-                                 fail_on_corrupt=self.fail_on_corrupt, placeholder_text=self.placeholder_text)
+                                 fail_on_corrupt=self.fail_on_corrupt, placeholder_text=self.placeholder_text,
+                                 batch_timeout_s=self.batch_timeout_s)
             for done, batch in enumerate(stream, start=start + 1):
                 batch["data_position"] = DataPosition(epoch, done, self.world_size, self.batch_per_rank).to_json()
                 yield batch
@@ -419,12 +443,14 @@ class TrainingStream:
         if not self.loader_process:
             yield from self._consume(self.produce())
             return
+        # The worker's own shard timeout names the stuck shard; this one is the backstop for a worker stuck
+        # anywhere else (twice as long, so that the worker's clearer error arrives first).
         loader = torch.utils.data.DataLoader(
             _ProducedBatches(self), batch_size=None, collate_fn=_as_sent, num_workers=1,
-            multiprocessing_context="spawn", prefetch_factor=self.prefetch_batches)
+            multiprocessing_context="spawn", prefetch_factor=self.prefetch_batches, timeout=2 * self.batch_timeout_s)
         batches = iter(loader)
         try:
-            yield from self._consume(_tensors_from_numpy(batch) for batch in batches)
+            yield from self._consume(_tensors_from_numpy(batch) for batch in _within_timeout(batches))
         finally:
             del batches  # shuts the worker process down now rather than at garbage collection
 
@@ -449,6 +475,22 @@ class _ProducedBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         for batch in self.stream.produce():
             yield {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
+
+
+def _within_timeout(batches: Iterator[dict]) -> Iterator[dict]:
+    """The loader's batches, its timeout turned into a DataTimeoutError (torch raises a bare RuntimeError)."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DataTimeoutError:  # the worker's own, naming the stuck shard
+            raise
+        except RuntimeError as error:
+            if "timed out" not in str(error):
+                raise
+            raise DataTimeoutError(f"the loader process sent no batch within 2 x data.batch_timeout_s: {error}") from error
+        yield batch
 
 
 def _as_sent(batch: dict) -> dict:

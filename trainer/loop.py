@@ -250,7 +250,7 @@ class Trainer:
             window_shards=config.data.shuffle_window_shards, placeholder_text=self._placeholder_text(),
             prefetch_shards=config.data.prefetch_shards, fail_on_corrupt=config.data.fail_on_corrupt,
             start=self.position, loader_process=config.data.loader_process,
-            prefetch_batches=config.data.prefetch_batches)
+            prefetch_batches=config.data.prefetch_batches, batch_timeout_s=config.data.batch_timeout_s)
 
     # ----------------------------------------------------------------------- one step
 

@@ -1,13 +1,13 @@
 """LAION-style metadata: parquet rows of image URL + caption, images fetched over HTTP.
 
 One unit per (parquet file, row group). Fetches run on a thread pool but samples come out in row
-order, and every failed fetch becomes a sample with a failure reason instead of an exception.
+order, and every failed fetch becomes a sample with a failure reason instead of an exception
+(`pipelines/sources/safe_http.py`: public hosts only, bounded size, time and redirects, urllib3 retries).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,24 +15,21 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 import requests
-from pydantic import Field
-from requests.adapters import HTTPAdapter
+from pydantic import Field, IPvAnyNetwork
 
 from pipelines.preprocess import SampleRejected, clean_caption
 from pipelines.sources.base import InputUnit, RawSample
 from pipelines.sources.listing import expand_uris, unique_unit_names
+from pipelines.sources.safe_http import FetchFailed, FetchLimits, fetch, make_session
 from services import storage
 from services.cache.names import safe_stem
 from services.config import StrictModel
 
 logger = logging.getLogger(__name__)
 
-READ_CHUNK_BYTES = 64 * 1024
-RETRIED_STATUSES = {408, 425, 429, 500, 502, 503, 504}
-
 
 class LaionConfig(StrictModel):
-    """Parquet files, their column names and how patiently to fetch images."""
+    """Parquet files, their column names and how patiently (and where) to fetch images."""
 
     kind: Literal["laion"] = "laion"
     uris: list[str] = Field(
@@ -46,20 +43,25 @@ class LaionConfig(StrictModel):
         description="columns copied into each sample's meta when the file has them",
     )
     timeout_s: float = Field(default=10.0, gt=0, description="connect and per-read timeout of one attempt")
-    retries: int = Field(
-        default=2, ge=0, description="extra attempts after a timeout, connection error or 5xx"
+    deadline_s: float = Field(
+        default=60.0, gt=0, description="total time one download may take, redirects and body included; a "
+        "server that trickles bytes (each read inside timeout_s) is cut off here as too_slow",
     )
-    backoff_s: float = Field(default=0.5, ge=0, description="wait before the first retry; doubles per retry")
+    retries: int = Field(
+        default=2, ge=0, description="extra attempts after a timeout, connection error or 408/425/429/5xx"
+    )
+    backoff_s: float = Field(
+        default=0.5, ge=0, description="urllib3 Retry backoff_factor: retry n > 1 waits backoff_s * 2**(n-1)"
+    )
     max_bytes: int = Field(default=32 * 2**20, gt=0, description="larger downloads are aborted as too_large")
+    max_redirects: int = Field(default=5, ge=0, description="more redirects than this: too_many_redirects")
+    allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="networks fetched from although they are loopback, private, link-local "
+        "or multicast (refused as blocked_<kind> otherwise), e.g. ['127.0.0.1/32'] for a test server or an "
+        "internal mirror's subnet; never needed for public URLs",
+    )
     concurrency: int = Field(default=16, ge=1, description="parallel fetches per unit")
     user_agent: str = "hybriddit-factory/0.1 (research image-text dataset builder)"
-
-
-class _FetchFailed(Exception):
-    def __init__(self, reason: str, retryable: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retryable = retryable
 
 
 def _parquet_file(uri: str, handle: Any) -> pq.ParquetFile:
@@ -97,13 +99,10 @@ class LaionSource:
 
     def iter_samples(self, unit: InputUnit) -> Iterator[RawSample]:
         rows = self._read_rows(unit)
-        with requests.Session() as session, ThreadPoolExecutor(self.config.concurrency) as pool:
-            adapter = HTTPAdapter(
-                pool_connections=self.config.concurrency, pool_maxsize=self.config.concurrency
-            )
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = self.config.user_agent
+        config = self.config
+        session = make_session(retries=config.retries, backoff_s=config.backoff_s, pool_size=config.concurrency,
+                               user_agent=config.user_agent, allowed_networks=tuple(config.allowed_networks))
+        with session, ThreadPoolExecutor(config.concurrency) as pool:
             # A bounded window of in-flight fetches keeps memory flat and the output in row order.
             pending: deque[Future[RawSample]] = deque()
             try:
@@ -154,50 +153,14 @@ class LaionSource:
         if not url:
             return RawSample(key, None, caption, meta, failure="missing_url")
         try:
-            image_bytes = self._fetch(session, url)
-        except _FetchFailed as failed:
+            image_bytes = fetch(session, url, self._limits)
+        except FetchFailed as failed:
+            logger.debug("%s: %s", url, failed)
             return RawSample(key, None, caption, meta, failure=failed.reason)
         return RawSample(key, image_bytes, caption, meta)
 
-    def _fetch(self, session: requests.Session, url: str) -> bytes:
-        """The body of `url`, retrying transient failures with exponential backoff."""
-        for attempt in range(self.config.retries + 1):
-            try:
-                return self._fetch_once(session, url)
-            except _FetchFailed as failed:
-                if not failed.retryable or attempt == self.config.retries:
-                    raise
-                delay = self.config.backoff_s * 2**attempt
-                logger.debug("retrying %s in %.2f s after %s", url, delay, failed.reason)
-                time.sleep(delay)
-        raise AssertionError("unreachable: the loop returns or raises")
-
-    def _fetch_once(self, session: requests.Session, url: str) -> bytes:
-        try:
-            with session.get(url, timeout=self.config.timeout_s, stream=True) as response:
-                if response.status_code != 200:
-                    raise _FetchFailed(
-                        f"http_{response.status_code}", response.status_code in RETRIED_STATUSES
-                    )
-                declared = response.headers.get("Content-Length")
-                if declared is not None and declared.isdigit() and int(declared) > self.config.max_bytes:
-                    raise _FetchFailed("too_large", retryable=False)
-                body = bytearray()
-                for chunk in response.iter_content(READ_CHUNK_BYTES):
-                    body += chunk
-                    if len(body) > self.config.max_bytes:
-                        raise _FetchFailed("too_large", retryable=False)
-                return bytes(body)
-        except requests.Timeout:
-            raise _FetchFailed("timeout", retryable=True) from None
-        except requests.exceptions.ChunkedEncodingError:
-            # The server closed the connection before sending the whole declared body.
-            raise _FetchFailed("truncated_body", retryable=True) from None
-        except (requests.ConnectionError, requests.exceptions.ContentDecodingError):
-            raise _FetchFailed("connection_error", retryable=True) from None
-        except (
-            requests.exceptions.InvalidURL,
-            requests.exceptions.MissingSchema,
-            requests.exceptions.InvalidSchema,
-        ):
-            raise _FetchFailed("invalid_url", retryable=False) from None
+    @property
+    def _limits(self) -> FetchLimits:
+        config = self.config
+        return FetchLimits(timeout_s=config.timeout_s, deadline_s=config.deadline_s, max_bytes=config.max_bytes,
+                           max_redirects=config.max_redirects)

@@ -1,4 +1,4 @@
-"""The in-memory tar reader agrees with Python's tarfile on every header kind the cache can meet."""
+"""The tar reader agrees with Python's tarfile on every header kind the cache can meet, and ends on hostile ones."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import tarfile
 
 import pytest
 
-from services.cache.tar_members import TarFormatError, TarMembers
+from services.cache.tar_members import TarFormatError, TarMembers, TarStream
+from tests.fixtures.tar_mutations import pax_header, seal
 
 
 def build_tar(files: dict[str, bytes], *, fmt: int = tarfile.PAX_FORMAT, directory: str | None = None) -> bytes:
@@ -79,3 +80,71 @@ def test_a_garbled_header_raises_after_the_members_before_it():
 def test_random_bytes_are_not_a_tar():
     with pytest.raises(TarFormatError, match="byte 0"):
         read(bytes(range(256)) * 4)
+
+
+# --------------------------------------------------------------------------- hostile headers end in bounded time
+
+
+def with_header_field(data: bytes, header: int, start: int, value: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[header + start:header + start + len(value)] = value
+    seal(damaged, header)  # a valid checksum: the parser must judge the field itself
+    return bytes(damaged)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("size", [b"-0000001000\0", b"-1\0\0\0\0\0\0\0\0\0\0", b" +0000001000", b"0_000001000\0",
+                                  b"\xff" * 12], ids=["negative", "minus-one", "plus-sign", "underscore", "base256-neg"])
+def test_a_size_that_is_not_unsigned_octal_raises_the_format_error(size):
+    data = build_tar({"a.txt": b"1", "b.txt": b"2"})
+    with pytest.raises(TarFormatError, match="byte 1024"):
+        read(with_header_field(data, 1024, 124, size))
+
+
+@pytest.mark.timeout(10)
+def test_a_base256_size_past_the_archive_end_is_a_truncated_archive_not_a_hang():
+    data = build_tar({"a.txt": b"1", "b.txt": b"2"})
+    members, complete = read(with_header_field(data, 1024, 124, b"\x80" + (2**40).to_bytes(11, "big")))
+    assert members == [("a.txt", b"1")] and not complete
+    with pytest.raises(TarFormatError, match="impossible size"):
+        read(with_header_field(data, 1024, 124, b"\x80" + (2**80).to_bytes(11, "big")))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("record", [b"0 path=x\n", b"00 path=x\n", b"3 path=x\n", b"99 path=x\n", b"5 path\n",
+                                    b"12 size=-100\n", b"path=x\n"],
+                         ids=["zero-length", "zero-padded-zero", "shorter-than-its-field", "past-the-payload",
+                              "no-equals", "negative-size", "no-length"])
+def test_a_malformed_pax_record_raises_the_format_error(record):
+    data = build_tar({"a.txt": b"1", "b.txt": b"2"})
+    with pytest.raises(TarFormatError, match="pax record"):
+        read(data[:1024] + pax_header([record]) + data[1024:])
+
+
+def test_a_pax_size_record_overrides_the_header_size():
+    data = build_tar({"a.txt": b"1", "b.txt": b"22"})
+    # b's header says 2 bytes; a pax record says 1: the reader follows the pax record, as tarfile does.
+    members, complete = read(data[:1024] + pax_header([b"10 size=1\n"]) + data[1024:])
+    assert members == [("a.txt", b"1"), ("b.txt", b"2")] and complete
+
+
+@pytest.mark.parametrize("seekable", [True, False], ids=["seekable", "pipe"])
+def test_a_stream_yields_the_same_members_and_skips_those_over_the_cap_unread(seekable):
+    data = build_tar(FILES, directory="dir/")
+
+    class Pipe(io.BytesIO):
+        def seekable(self) -> bool:
+            return seekable
+
+    archive = TarStream(Pipe(data), max_member_bytes=300)
+    members = [(name, None if contents is None else bytes(contents)) for name, contents in archive]
+    assert members == [(name, contents if len(contents) <= 300 else None) for name, contents in FILES.items()]
+    assert archive.complete
+
+
+@pytest.mark.timeout(10)
+def test_a_pax_record_without_a_length_after_a_good_one_raises_instead_of_looping():
+    # Found by the fuzz test: after a well-formed record the next one has no "<len> " prefix at all.
+    data = build_tar({"a.txt": b"1", "b.txt": b"2"})
+    with pytest.raises(TarFormatError, match="pax record"):
+        read(data[:1024] + pax_header([b"10 path=x\n", b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n"]) + data[1024:])
