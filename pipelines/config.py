@@ -41,11 +41,6 @@ class EncoderStageConfig(StrictModel):
     def device(self) -> str:
         return "cuda" if self.num_gpus > 0 else "cpu"
 
-    @property
-    def pool_size(self) -> int | tuple[int, int]:
-        """Ray Data's `concurrency`: a fixed actor count, or the (min, max) range of an autoscaling pool."""
-        return self.concurrency if self.max_concurrency is None else (self.concurrency, self.max_concurrency)
-
 
 class CodecStageConfig(EncoderStageConfig):
     """The image codec (VAE) pool."""

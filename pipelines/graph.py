@@ -22,7 +22,7 @@ from pipelines.actors import (
     build_encoder_card,
     unit_row,
 )
-from pipelines.config import EncodeJobConfig
+from pipelines.config import EncodeJobConfig, EncoderStageConfig
 from pipelines.job import JobSummary, run_encode
 from pipelines.sources.base import InputUnit
 from services.metrics import EncodeMetrics
@@ -35,6 +35,13 @@ def read_unit(item: dict[str, Any], job: EncodeJobConfig) -> Iterator[dict[str, 
     return UnitReader(job)(item)
 
 
+def actor_pool(stage: EncoderStageConfig) -> ray.data.ActorPoolStrategy:
+    """A fixed pool of `concurrency` actors, or one that autoscales from `concurrency` to `max_concurrency`."""
+    if stage.max_concurrency is None:
+        return ray.data.ActorPoolStrategy(size=stage.concurrency)
+    return ray.data.ActorPoolStrategy(min_size=stage.concurrency, max_size=stage.max_concurrency)
+
+
 def build_dataset(job: EncodeJobConfig, units: list[InputUnit], card: EncoderCard) -> ray.data.Dataset:
     """The lazy graph over `units`; its rows are the writers' account rows."""
     codec, text, output = job.codec, job.text, job.output
@@ -42,16 +49,17 @@ def build_dataset(job: EncodeJobConfig, units: list[InputUnit], card: EncoderCar
     dataset = dataset.flat_map(read_unit, fn_kwargs={"job": job}, num_cpus=job.read.num_cpus)
     dataset = dataset.map_batches(
         ImageEncoderActor, fn_constructor_kwargs={"stage": codec}, batch_size=codec.batch_size,
-        batch_format="pyarrow", concurrency=codec.pool_size, num_cpus=codec.num_cpus, num_gpus=codec.num_gpus,
+        batch_format="pyarrow", compute=actor_pool(codec), num_cpus=codec.num_cpus, num_gpus=codec.num_gpus,
     )  # fmt: skip
     dataset = dataset.map_batches(
         TextEncoderActor, fn_constructor_kwargs={"stage": text}, batch_size=text.batch_size,
-        batch_format="pyarrow", concurrency=text.pool_size, num_cpus=text.num_cpus, num_gpus=text.num_gpus,
+        batch_format="pyarrow", compute=actor_pool(text), num_cpus=text.num_cpus, num_gpus=text.num_gpus,
     )  # fmt: skip
     return dataset.map_batches(
         ShardFragmentWriter,
         fn_constructor_kwargs={"output": output, "text_dtype": text.storage_dtype, "encoder_ids": card.ids()},
-        batch_size=output.fragment_samples, batch_format="pyarrow", concurrency=output.writer_concurrency,
+        batch_size=output.fragment_samples, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=output.writer_concurrency),
         num_cpus=output.writer_num_cpus,
     )  # fmt: skip
 

@@ -12,10 +12,16 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 # Some machines' pip configs list local indexes that lack most packages; pip warns once per package.
-quiet_pip() { .venv/bin/python -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
+# The venv keeps the pip its Python bundled: no "new release of pip" notice for users to mistake for a problem.
+quiet_pip() {
+  PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# torch first, alone: any resolver that sees an unpinned torch pulls a multi-GB CUDA build.
-quiet_pip install -q "$TORCH_SPEC"
+# torch first, before the project: any resolver that sees an unpinned torch pulls a multi-GB CUDA build.
+# numpy (at the project's pin) comes in the same call: torch imported without it warns "Failed to initialize NumPy".
+numpy_spec=$(grep -o '"numpy==[^"]*"' pyproject.toml | tr -d '"') ||
+  { echo "bootstrap: pyproject.toml pins no numpy==VERSION" >&2; exit 1; }
+quiet_pip install -q "$TORCH_SPEC" "$numpy_spec"
 installed_torch=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT

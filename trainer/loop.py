@@ -216,7 +216,8 @@ class Trainer:
         self.network = torch.compile(network) if config.compile else network
         self.optimizer, self.schedule = build_optimizer(self.model, config.optimizer, self.total_steps)
         self.generator = torch.Generator(device).manual_seed(config.seed * 100_003 + self.context.rank)
-        self.null_text = (torch.from_numpy(self.dataset.null_text).to(device)
+        # A copy: the array arrives read-only (Ray passes numpy arrays out of its object store zero-copy).
+        self.null_text = (torch.tensor(self.dataset.null_text, device=device)
                           if self.dataset.null_text is not None else None)
         self.step = 0
         self.position: DataPosition | None = None

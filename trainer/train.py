@@ -23,12 +23,13 @@ from trainer.config import TrainJobConfig  # noqa: E402
 
 logger = logging.getLogger("trainer.train")
 
-# Passed to the workers so that they reach the same S3 and stay quiet about optional torchao kernels.
-# Keys are not among them: a runtime_env is shown in the dashboard, and every node of a cluster gets
-# its credentials from its own environment (the local stack's head, a Kubernetes Secret).
+# Passed to the workers so that they reach the same S3 with the same retry policy and stay quiet about optional
+# torchao kernels, and so that Ray Train's own actors (its placement-group cleaner asks the state API) find this
+# cluster on a host that runs several. Keys are not among them: a runtime_env is shown in the dashboard, and every
+# node of a cluster gets its credentials from its own environment (the local stack's head, a Kubernetes Secret).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
                  storage.RETRY_DEADLINE_ENV, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES",
-                 "TORCHINDUCTOR_CACHE_DIR", "GLOO_SOCKET_IFNAME")
+                 "TORCHINDUCTOR_CACHE_DIR", "GLOO_SOCKET_IFNAME", "RAY_ADDRESS")
 
 
 def worker_env() -> dict[str, str]:

@@ -12,6 +12,8 @@ from torch import nn
 from services.encoders.errors import CodecError
 
 TINY_AE_DIR_ENV = "HYBRIDDIT_TINY_AE_DIR"
+# Package data of `services.encoders` (see pyproject.toml), so that an installed wheel carries them too.
+SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "tiny_autoencoders"
 WIDTH = 64
 LATENT_CHANNELS = 32
 
@@ -105,12 +107,9 @@ def taesana_encoder() -> nn.Sequential:
 
 
 def tiny_autoencoder_dir() -> Path:
-    """Directory of the shipped weights: $HYBRIDDIT_TINY_AE_DIR, else <repo>/../shared/models/tiny-autoencoders."""
+    """Directory of the weights: $HYBRIDDIT_TINY_AE_DIR when set, else the ones shipped in this package."""
     configured = os.environ.get(TINY_AE_DIR_ENV)
-    if configured:
-        return Path(configured)
-    repo_root = Path(__file__).resolve().parents[2]
-    return repo_root.parent / "shared" / "models" / "tiny-autoencoders"
+    return Path(configured) if configured else SHIPPED_WEIGHTS_DIR
 
 
 def load_pretrained(module: nn.Module, file_name: str) -> nn.Module:

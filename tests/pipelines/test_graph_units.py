@@ -27,6 +27,7 @@ from pipelines.actors import (
     unit_row,
 )
 from pipelines.config import EncodeJobConfig
+from pipelines.graph import actor_pool
 from pipelines.job import delete_stale_shards, run_encode, selected_units
 from pipelines.ledger import UnitLedger
 from pipelines.local_loop import LocalEncoder, run_local
@@ -301,9 +302,10 @@ def test_entry_point_names_the_bad_field_and_exits_2_before_starting_ray(tmp_pat
 
 
 def test_an_encoder_pool_is_fixed_or_autoscales_within_an_ordered_range(tmp_path):
-    assert job_config(tmp_path, tmp_path / "out", codec={"concurrency": 2}).codec.pool_size == 2
-    autoscaling = job_config(tmp_path, tmp_path / "out", text={"concurrency": 1, "max_concurrency": 4})
-    assert autoscaling.text.pool_size == (1, 4)
+    fixed = actor_pool(job_config(tmp_path, tmp_path / "out", codec={"concurrency": 2}).codec)
+    assert (fixed.min_size, fixed.max_size) == (2, 2)
+    autoscaling = actor_pool(job_config(tmp_path, tmp_path / "out", text={"concurrency": 1, "max_concurrency": 4}).text)
+    assert (autoscaling.min_size, autoscaling.max_size) == (1, 4)
     with pytest.raises(ValueError, match=r"max_concurrency \(1\) must be >= concurrency \(2\)"):
         job_config(tmp_path, tmp_path / "out", codec={"concurrency": 2, "max_concurrency": 1})
 

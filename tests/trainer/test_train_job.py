@@ -39,6 +39,11 @@ def train_argv(cache_uri: str, checkpoint_uri: str) -> list[str]:
     return argv
 
 
+def project_warnings(log: str) -> list[str]:
+    """Python warnings in a job log raised from this repository's own files (`<repo>/x.py:N: UserWarning: ...`)."""
+    return re.findall(rf"{re.escape(str(REPO))}/\S+\.py:\d+: \w*Warning: .*", log)
+
+
 def summary_of(output: str) -> dict:
     found = SUMMARY.findall(output)
     assert found, output[-3000:]
@@ -51,6 +56,7 @@ def uninterrupted(ray_cluster, s3_server, s3_cache):
     result = ray_cluster.submit(train_argv(s3_cache, s3_server.uri("trainer-tests", "straight", "checkpoints")),
                                 timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert project_warnings(result.stdout + result.stderr) == []
     return {**summary_of(result.stdout), "seconds": time.monotonic() - started}
 
 

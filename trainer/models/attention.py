@@ -52,6 +52,18 @@ def grid_to_image(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.flatten(2).transpose(1, 2)
 
 
+def depthwise_grid_conv(channels: int, kernel: int) -> nn.Conv2d:
+    """Depthwise conv over `image_to_grid` maps, with its weight stored channels-last like those maps.
+
+    Autograd gives the weight's gradient the layout of the conv's (channels-last) input; a parameter laid out
+    otherwise makes DDP warn "Grad strides do not match bucket view strides" on every backward.
+    """
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+    # (C, 1, k, k) already counts as channels-last contiguous, so `.contiguous(...)` would keep its strides.
+    conv.weight.data = torch.empty_like(conv.weight, memory_format=torch.channels_last).copy_(conv.weight.data)
+    return conv
+
+
 def keys_for_queries(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, S) padding mask -> SDPA boolean mask (B, 1, 1, S); a row with no real key may see all (its output is unused)."""
     if key_mask is None:
@@ -94,7 +106,7 @@ class LinearAttention(SelfAttention):
     def __init__(self, dim: int, heads: int, value_conv: int = 0):
         super().__init__(dim, heads)
         self.value_conv = (
-            nn.Conv2d(dim, dim, value_conv, padding=value_conv // 2, groups=dim) if value_conv else None
+            depthwise_grid_conv(dim, value_conv) if value_conv else None
         )
 
     def mix(self, q, k, v, key_mask, grid):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 from torch import nn
 
-from trainer.models.attention import Grid, grid_to_image, image_to_grid
+from trainer.models.attention import Grid, depthwise_grid_conv, grid_to_image, image_to_grid
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class MixFFN(nn.Module):
     def __init__(self, dim: int, hidden: int, kernel: int = 3):
         super().__init__()
         self.fc_in = nn.Linear(dim, 2 * hidden)
-        self.conv = nn.Conv2d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden)
+        self.conv = depthwise_grid_conv(hidden, kernel)
         self.fc_out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
