@@ -106,7 +106,7 @@ def session_pids(leader: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            if os.getsid(int(entry.name)) == leader:
+            if os.getsid(int(entry.name)) == leader and not _is_zombie(int(entry.name)):
                 pids.append(int(entry.name))
         except (ProcessLookupError, PermissionError):
             continue

@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +36,26 @@ class RaySettings(StrictModel):
         """Settings whose every port is free now, e.g. for a head beside a running local stack."""
         ports = ("gcs_port", "dashboard_port", "client_port", "metrics_export_port", "dashboard_agent_port")
         return cls(**{name: free_port() for name in ports}, **sizes)
+
+
+def ray_executable() -> Path:
+    """The `ray` command of this environment (the one whose Python runs the jobs)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    if ray_bin.exists():
+        return ray_bin
+    found = shutil.which("ray")
+    if found is None:
+        raise FileNotFoundError("the `ray` command is not installed in this environment: run `make install`")
+    return Path(found)
+
+
+def node_process_env(env: dict[str, str], auth_env: dict[str, str]) -> dict[str, str]:
+    """Environment of a `ray start` process: jobs and the workers it starts inherit it.
+
+    `python` in a job's entrypoint is the first one on the node's PATH: make it this environment's.
+    """
+    venv_bin = str(Path(sys.executable).parent)
+    return {**env, **auth_env, "PATH": os.pathsep.join([venv_bin, env.get("PATH", os.defpath)])}
 
 
 class RayHead:
@@ -73,14 +94,6 @@ class RayHead:
     def start(self, env: dict[str, str], *, timeout: float = 120.0) -> None:
         if self.pid() is not None:
             return
-        ray_bin = Path(sys.executable).with_name("ray")
-        if not ray_bin.exists():
-            found = shutil.which("ray")
-            if found is None:
-                raise FileNotFoundError(
-                    "the `ray` command is not installed in this environment: run `make install`"
-                )
-            ray_bin = Path(found)
         s = self.settings
         require_free_ports(
             "the Ray head",
@@ -93,7 +106,7 @@ class RayHead:
             },
         )
         cmd = [
-            str(ray_bin),
+            str(ray_executable()),
             "start",
             "--head",
             "--block",
@@ -114,14 +127,11 @@ class RayHead:
             cmd.append(f"--num-cpus={s.num_cpus}")
         # Jobs run with this process's environment and working directory: the project root, so that
         # `ray job submit -- python pipelines/encode_latents.py` finds its files.
-        # `python` in a job's entrypoint is the first one on the head's PATH: make it this environment's.
-        venv_bin = str(Path(sys.executable).parent)
-        path = os.pathsep.join([venv_bin, env.get("PATH", os.defpath)])
         start_detached(
             cmd,
             pid_file=self.pid_file,
             log_file=self.log_file,
-            env={**env, **self.auth_env(), "PATH": path},
+            env=node_process_env(env, self.auth_env()),
             cwd=self.workdir,
         )
         try:
@@ -140,16 +150,27 @@ class RayHead:
             time.sleep(0.5)
         raise TimeoutError(f"the Ray head did not become ready in {timeout:.0f} s; see {self.log_file}")
 
-    def dashboard_ready(self) -> bool:
+    def _get(self, path: str, *, timeout: float) -> dict:
         request = urllib.request.Request(
-            f"{self.dashboard_url}/api/version",
+            f"{self.dashboard_url}{path}",
             headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"},
         )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def dashboard_ready(self) -> bool:
         try:
-            with urllib.request.urlopen(request, timeout=2) as response:
-                return response.status == 200 and "ray_version" in json.loads(response.read())
+            return "ray_version" in self._get("/api/version", timeout=2)
         except (urllib.error.URLError, OSError, ValueError):
             return False
+
+    def list_state(self, resource: str, *, timeout: float = 30.0, **equal_to: str) -> list[dict]:
+        """Ray's state API (`ray list <resource>`) through the dashboard, e.g. `list_state("nodes")`."""
+        query = [("limit", "10000"), ("detail", "1")]
+        for key, value in equal_to.items():
+            query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+        answer = self._get(f"/api/v0/{resource}?{urllib.parse.urlencode(query)}", timeout=timeout)
+        return answer["data"]["result"]["result"]
 
     def stop(self, *, timeout: float = 60.0) -> bool:
         return stop_pid(self.pid_file, timeout=timeout)
