@@ -145,7 +145,9 @@ class RayHead:
         while time.monotonic() < deadline:
             if self.pid() is None:
                 raise RuntimeError(f"the Ray head exited while starting; see {self.log_file}")
-            if self.dashboard_ready():
+            # The dashboard answers before the head's raylet has registered, and `ray start` gives up
+            # (exits) if that takes over 30 s on a loaded machine: ready means the head node is alive.
+            if self.dashboard_ready() and self.head_node_alive():
                 return
             time.sleep(0.5)
         raise TimeoutError(f"the Ray head did not become ready in {timeout:.0f} s; see {self.log_file}")
@@ -162,6 +164,12 @@ class RayHead:
         try:
             return "ray_version" in self._get("/api/version", timeout=2)
         except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def head_node_alive(self) -> bool:
+        try:
+            return any(node["is_head_node"] for node in self.list_state("nodes", state="ALIVE", timeout=5))
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
             return False
 
     def list_state(self, resource: str, *, timeout: float = 30.0, **equal_to: str) -> list[dict]:

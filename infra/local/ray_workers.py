@@ -108,6 +108,8 @@ class RayWorkerNode:
         while time.monotonic() < deadline:
             if self.pid() is None:
                 raise RuntimeError(f"Ray {self.label} exited while joining the head; see {self.log_file}")
+            if self.head.pid() is None:
+                raise RuntimeError(f"the Ray head exited while {self.label} was joining it; see {self.head.log_file}")
             if self.node_id(started_after_ms=started_ms) is not None:
                 return
             time.sleep(0.5)
