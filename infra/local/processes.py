@@ -111,3 +111,17 @@ def session_pids(leader: int) -> list[int]:
         except (ProcessLookupError, PermissionError):
             continue
     return sorted(pids)
+
+
+def kill_session(leader: int) -> list[int]:
+    """SIGKILL every process of the session led by `leader` at once (a server and all it started)."""
+    victims = session_pids(leader)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    while session_pids(leader) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return victims

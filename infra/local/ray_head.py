@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -12,11 +13,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from infra.local.credentials import write_private_text
-from infra.local.processes import free_port, read_pid, require_free_ports, start_detached, stop_pid
+from infra.local.processes import (
+    free_port,
+    kill_session,
+    read_pid,
+    require_free_ports,
+    start_detached,
+    stop_pid,
+)
 from services.config import StrictModel
+
+log = logging.getLogger(__name__)
 
 
 class RaySettings(StrictModel):
@@ -58,6 +69,35 @@ def node_process_env(env: dict[str, str], auth_env: dict[str, str]) -> dict[str,
     return {**env, **auth_env, "PATH": os.pathsep.join([venv_bin, env.get("PATH", os.defpath)])}
 
 
+def start_ray_node(name: str, cmd: list[str], *, pid_file: Path, log_file: Path, env: dict[str, str], cwd: Path,
+                   ready: Callable[[], bool], timeout: float) -> None:
+    """Start a `ray start ... --block` node and wait until `ready()`; start it again if it exits meanwhile.
+
+    `ray start` gives up when its raylet has not registered with the GCS within 30 s (fixed in Ray),
+    which a loaded machine can miss: that is waited out until `timeout`, then it fails loudly.
+    A node that never became ready must not linger holding ports: it is stopped.
+    """
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            leader = start_detached(cmd, pid_file=pid_file, log_file=log_file, env=env, cwd=cwd)
+            while read_pid(pid_file) is not None:
+                if ready():
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not become ready in {timeout:.0f} s; see {log_file}")
+                time.sleep(0.5)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} exited while starting ({attempt} attempts in {timeout:.0f} s); see {log_file}")
+            log.warning("%s exited while starting (attempt %d): starting it again; see %s", name, attempt, log_file)
+            kill_session(leader)  # what it left behind (a GCS, agents) would hold the ports
+    except BaseException:
+        stop_pid(pid_file, timeout=60)
+        raise
+
+
 class RayHead:
     """The head process of the local cluster; its children (GCS, raylet, dashboard) share its session."""
 
@@ -91,7 +131,7 @@ class RayHead:
     def pid(self) -> int | None:
         return read_pid(self.pid_file)
 
-    def start(self, env: dict[str, str], *, timeout: float = 120.0) -> None:
+    def start(self, env: dict[str, str], *, timeout: float = 300.0) -> None:
         if self.pid() is not None:
             return
         s = self.settings
@@ -127,30 +167,17 @@ class RayHead:
             cmd.append(f"--num-cpus={s.num_cpus}")
         # Jobs run with this process's environment and working directory: the project root, so that
         # `ray job submit -- python pipelines/encode_latents.py` finds its files.
-        start_detached(
+        start_ray_node(
+            "the Ray head",
             cmd,
             pid_file=self.pid_file,
             log_file=self.log_file,
             env=node_process_env(env, self.auth_env()),
             cwd=self.workdir,
+            # The dashboard answers before the head's raylet has registered: ready means the head node is alive.
+            ready=lambda: self.dashboard_ready() and self.head_node_alive(),
+            timeout=timeout,
         )
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()  # a head that never became ready must not linger holding ports
-            raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.pid() is None:
-                raise RuntimeError(f"the Ray head exited while starting; see {self.log_file}")
-            # The dashboard answers before the head's raylet has registered, and `ray start` gives up
-            # (exits) if that takes over 30 s on a loaded machine: ready means the head node is alive.
-            if self.dashboard_ready() and self.head_node_alive():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"the Ray head did not become ready in {timeout:.0f} s; see {self.log_file}")
 
     def _get(self, path: str, *, timeout: float) -> dict:
         request = urllib.request.Request(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from infra.local.processes import free_port, read_pid, start_detached, stop_pid
-from infra.local.ray_head import RayHead, node_process_env, ray_executable
+from infra.local.processes import free_port, read_pid, stop_pid
+from infra.local.ray_head import RayHead, node_process_env, ray_executable, start_ray_node
 from services.config import StrictModel
 
 NODE_LABEL = "hybriddit-node"
@@ -55,7 +55,7 @@ class RayWorkerNode:
         """The ports this node was started with (picked free at start, so that nodes never collide)."""
         return json.loads(self.ports_file.read_text())
 
-    def start(self, env: dict[str, str], *, timeout: float = 120.0) -> None:
+    def start(self, env: dict[str, str], *, timeout: float = 300.0) -> None:
         if self.pid() is not None:
             return
         if self.head.pid() is None:
@@ -90,30 +90,21 @@ class RayWorkerNode:
         ]
         started_ms = time.time() * 1000
         # Tasks and actors placed on this node inherit its environment (storage endpoint and keys).
-        start_detached(
+        start_ray_node(
+            f"Ray {self.label}",
             cmd,
             pid_file=self.pid_file,
             log_file=self.log_file,
             env=node_process_env(env, self.head.auth_env()),
             cwd=self.workdir,
+            ready=lambda: self._joined(started_ms),
+            timeout=timeout,
         )
-        try:
-            self._wait_alive(started_ms, timeout)
-        except BaseException:
-            self.stop()
-            raise
 
-    def _wait_alive(self, started_ms: float, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.pid() is None:
-                raise RuntimeError(f"Ray {self.label} exited while joining the head; see {self.log_file}")
-            if self.head.pid() is None:
-                raise RuntimeError(f"the Ray head exited while {self.label} was joining it; see {self.head.log_file}")
-            if self.node_id(started_after_ms=started_ms) is not None:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"Ray {self.label} did not join the head in {timeout:.0f} s; see {self.log_file}")
+    def _joined(self, started_ms: float) -> bool:
+        if self.head.pid() is None:
+            raise RuntimeError(f"the Ray head exited while {self.label} was joining it; see {self.head.log_file}")
+        return self.node_id(started_after_ms=started_ms) is not None
 
     def node_id(self, *, started_after_ms: float = 0.0) -> str | None:
         """Ray's id of this node while it is alive (a restarted node gets a new one), else None."""

@@ -44,7 +44,7 @@ def stack_overrides(tmp_path_factory) -> list[str]:
 
 def hybriddit_stack(action: str, overrides: list[str]) -> dict:
     done = subprocess.run(
-        [*HYBRIDDIT, "stack", action, *overrides], cwd=REPO, capture_output=True, text=True, timeout=240
+        [*HYBRIDDIT, "stack", action, *overrides], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout[: done.stdout.rindex("}") + 1])
