@@ -112,7 +112,8 @@ class RayWorkerNode:
             nodes = self.head.list_state("nodes", state="ALIVE")
         except (urllib.error.URLError, OSError, ValueError, KeyError):
             return None
-        for node in nodes:
+        # Newest first: a node killed moments ago can still be listed alive until the GCS notices.
+        for node in sorted(nodes, key=lambda node: node["start_time_ms"], reverse=True):
             if node.get("labels", {}).get(NODE_LABEL) == self.label and node["start_time_ms"] >= started_after_ms:
                 return node["node_id"]
         return None

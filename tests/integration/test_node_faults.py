@@ -101,6 +101,7 @@ def test_an_encode_job_that_loses_a_worker_node_ends_with_the_uninterrupted_key_
         wait_for_progress(out, submitted, timeout=JOB_TIMEOUT_S)
         assert not storage.exists(storage.join(out, "manifest.json")), "the job finished before the kill"
         units_done_at_kill = len(list_progress(out))
+        killed_id = victim.node_id()
         killed_at = time.monotonic()
         kill_node(victim)
         output, _ = submitted.communicate(timeout=JOB_TIMEOUT_S)
@@ -121,6 +122,7 @@ def test_an_encode_job_that_loses_a_worker_node_ends_with_the_uninterrupted_key_
     # The node comes back (a new raylet, so a new node id) and takes new work: the reference run.
     victim.start(cluster.node_env)
     rejoined = victim.node_id()
+    assert rejoined not in (None, killed_id)
     reference_out = s3_server.uri("node-faults", "encode-uninterrupted")
     reference_id = new_submission_id("encode-reference")
     reference_started = time.monotonic()
@@ -152,6 +154,7 @@ def test_a_train_job_that_loses_a_worker_node_restarts_its_group_when_the_node_r
             assert time.monotonic() < deadline, "no checkpoint appeared"
             assert job.poll() is None, "the job ended before its first checkpoint"
             time.sleep(0.5)
+        killed_id = victim.node_id()
         killed_at = time.monotonic()
         kill_node(victim)
         saved_step = storage.read_json(storage.join(checkpoints, LATEST))["step"]
@@ -165,6 +168,7 @@ def test_a_train_job_that_loses_a_worker_node_restarts_its_group_when_the_node_r
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, output[-3000:]
+    assert rejoined not in (None, killed_id)
     resumed_at = [int(step) for step in RESUMED.findall(output)]
     assert resumed_at and resumed_at[-1] >= saved_step > 0, output[-3000:]
     assert rejoined in cluster.job_node_ids(submission_id), "no rank was scheduled on the restarted node"
