@@ -90,11 +90,9 @@ def stop_pid(pid_file: Path, *, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and read_pid(pid_file) is not None:
         time.sleep(0.1)
-    # The session holds every child the server started; nothing of it may stay behind.
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    # The session holds every child the server started, also those in process groups of their own
+    # (Ray puts each worker in one): nothing of it may stay behind.
+    kill_session(pid)
     pid_file.unlink(missing_ok=True)
     return True
 
