@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 # Runs a command on loopback only (a private network namespace when root on a multi-interface host).
 ON_LOOPBACK := $(PY) -m infra.local.netns
 PYTEST_ARGS ?=
+# Ray worker nodes beside the head (each its own raylet, object store and share of the CPUs); the demo needs 2.
+STACK_WORKERS ?= 2
 
 .PHONY: install test test-slow test-e2e test-all lint demo stack-up stack-down stack-status bench clean
 
@@ -27,7 +29,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 stack-up: install
-	$(VENV)/bin/hybriddit stack up
+	$(VENV)/bin/hybriddit stack up --workers $(STACK_WORKERS)
 
 stack-down: install
 	$(VENV)/bin/hybriddit stack down
@@ -36,7 +38,7 @@ stack-status: install
 	$(VENV)/bin/hybriddit stack status
 
 demo: install
-	$(VENV)/bin/hybriddit stack up
+	$(VENV)/bin/hybriddit stack up --workers $(STACK_WORKERS)
 	$(VENV)/bin/hybriddit exec -- $(PY) scripts/demo.py
 
 # Each benchmark prints its figures and the ratio it is judged by; see the README's Benchmarks section.

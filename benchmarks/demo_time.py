@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO_ROOT / "out" / "demo-bench"))
     args, demo_args = parser.parse_known_args(argv)
     hybriddit = Path(sys.executable).with_name("hybriddit")
-    subprocess.run([str(hybriddit), "stack", "up"], cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([str(hybriddit), "stack", "up", "--workers", "2"], cwd=REPO_ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     subprocess.run([str(hybriddit), "exec", "--", sys.executable, "scripts/demo.py", "--out", args.out, *demo_args],

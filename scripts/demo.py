@@ -30,6 +30,8 @@ from pipelines.demo_corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, di
 CONFIGS = REPO_ROOT / "configs" / "demo"
 SUMMARY_FILE = "demo_summary.json"
 SAMPLES_PER_DIGIT = 10
+# The jobs spread over several raylets (encode actors, one DDP rank per node), as on a real cluster.
+WORKER_NODES = 2  # `make demo` starts the stack with `--workers 2`
 
 
 class DemoError(RuntimeError):
@@ -43,6 +45,20 @@ def stack_endpoints() -> tuple[str, str]:
         raise DemoError(f"{', '.join(missing)} not set: start the stack (`hybriddit stack up`) and run the demo "
                         "as `hybriddit exec -- .venv/bin/python scripts/demo.py` (or `make demo`)")
     return os.environ["RAY_API_SERVER_ADDRESS"], os.environ.get("HYBRIDDIT_BUCKET", "hybriddit")
+
+
+def worker_nodes(dashboard: str, minimum: int) -> list[str]:
+    """Labels of the cluster's live worker nodes; fewer than `minimum` is an error naming the fix."""
+    from ray.util.state import list_nodes
+
+    from infra.local.ray_workers import NODE_LABEL
+
+    alive = list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+    labels = sorted(node.labels.get(NODE_LABEL, node.node_id) for node in alive if not node.is_head_node)
+    if len(labels) < minimum:
+        raise DemoError(f"the Ray cluster at {dashboard} has {len(labels)} worker node(s), the demo runs on "
+                        f"{minimum}: start them with `hybriddit stack up --workers {minimum}`")
+    return labels
 
 
 def run_logged(stage: str, argv: list[str], log_dir: Path) -> str:
@@ -83,6 +99,8 @@ def sample_grid(paths: list[Path], out: Path, rows: int, margin: int = 4, scale:
 
 def run_demo(args: argparse.Namespace) -> dict:
     dashboard, bucket = stack_endpoints()
+    nodes = worker_nodes(dashboard, WORKER_NODES)
+    print(f"[demo] Ray worker nodes: {', '.join(nodes)}", flush=True)
     out = Path(args.out).resolve()
     logs = out / "logs"
     prefix = args.prefix or f"s3://{bucket}/demo"
@@ -146,6 +164,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "sample_grid": str(grid),
         "evaluation": evaluation,
         "dashboard": dashboard,
+        "worker_nodes": nodes,
         "logs": str(logs),
         "seconds": {**timings, "total": round(sum(timings.values()), 1)},
     }

@@ -21,12 +21,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a stack setting, e.g. --set s3_port=9333 --set ray.num_cpus=2",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="Ray worker nodes beside the head, each with its own raylet, object store and CPUs "
+        "(the setting workers.count)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     reexec_on_loopback()
-    stack = LocalStack(load_config(StackSettings, None, args.overrides))
+    overrides = args.overrides + ([f"workers.count={args.workers}"] if args.workers is not None else [])
+    stack = LocalStack(load_config(StackSettings, None, overrides))
     if args.action == "env":
         # Shell lines for `eval "$(hybriddit stack env)"`; asked for explicitly, never logged.
         for key, value in stack.client_env().items():

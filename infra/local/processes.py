@@ -90,11 +90,9 @@ def stop_pid(pid_file: Path, *, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and read_pid(pid_file) is not None:
         time.sleep(0.1)
-    # The session holds every child the server started; nothing of it may stay behind.
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    # The session holds every child the server started, also those in process groups of their own
+    # (Ray puts each worker in one): nothing of it may stay behind.
+    kill_session(pid)
     pid_file.unlink(missing_ok=True)
     return True
 
@@ -106,8 +104,22 @@ def session_pids(leader: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            if os.getsid(int(entry.name)) == leader:
+            if os.getsid(int(entry.name)) == leader and not _is_zombie(int(entry.name)):
                 pids.append(int(entry.name))
         except (ProcessLookupError, PermissionError):
             continue
     return sorted(pids)
+
+
+def kill_session(leader: int) -> list[int]:
+    """SIGKILL every process of the session led by `leader` at once (a server and all it started)."""
+    victims = session_pids(leader)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    while session_pids(leader) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return victims

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from infra.local.credentials import make_private_dir, write_private_text
-from infra.local.processes import free_port, read_pid, require_free_ports, start_detached, stop_pid
+from infra.local.processes import (
+    free_port,
+    kill_session,
+    read_pid,
+    require_free_ports,
+    start_detached,
+    stop_pid,
+)
 from services.config import StrictModel
+
+log = logging.getLogger(__name__)
 
 
 class RaySettings(StrictModel):
@@ -35,6 +47,55 @@ class RaySettings(StrictModel):
         """Settings whose every port is free now, e.g. for a head beside a running local stack."""
         ports = ("gcs_port", "dashboard_port", "client_port", "metrics_export_port", "dashboard_agent_port")
         return cls(**{name: free_port() for name in ports}, **sizes)
+
+
+def ray_executable() -> Path:
+    """The `ray` command of this environment (the one whose Python runs the jobs)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    if ray_bin.exists():
+        return ray_bin
+    found = shutil.which("ray")
+    if found is None:
+        raise FileNotFoundError("the `ray` command is not installed in this environment: run `make install`")
+    return Path(found)
+
+
+def node_process_env(env: dict[str, str], auth_env: dict[str, str]) -> dict[str, str]:
+    """Environment of a `ray start` process: jobs and the workers it starts inherit it.
+
+    `python` in a job's entrypoint is the first one on the node's PATH: make it this environment's.
+    """
+    venv_bin = str(Path(sys.executable).parent)
+    return {**env, **auth_env, "PATH": os.pathsep.join([venv_bin, env.get("PATH", os.defpath)])}
+
+
+def start_ray_node(name: str, cmd: list[str], *, pid_file: Path, log_file: Path, env: dict[str, str], cwd: Path,
+                   ready: Callable[[], bool], timeout: float) -> None:
+    """Start a `ray start ... --block` node and wait until `ready()`; start it again if it exits meanwhile.
+
+    `ray start` gives up when its raylet has not registered with the GCS within 30 s (fixed in Ray),
+    which a loaded machine can miss: that is waited out until `timeout`, then it fails loudly.
+    A node that never became ready must not linger holding ports: it is stopped.
+    """
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            leader = start_detached(cmd, pid_file=pid_file, log_file=log_file, env=env, cwd=cwd)
+            while read_pid(pid_file) is not None:
+                if ready():
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not become ready in {timeout:.0f} s; see {log_file}")
+                time.sleep(0.5)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} exited while starting ({attempt} attempts in {timeout:.0f} s); see {log_file}")
+            log.warning("%s exited while starting (attempt %d): starting it again; see %s", name, attempt, log_file)
+            kill_session(leader)  # what it left behind (a GCS, agents) would hold the ports
+    except BaseException:
+        stop_pid(pid_file, timeout=60)
+        raise
 
 
 class RayHead:
@@ -76,17 +137,9 @@ class RayHead:
     def pid(self) -> int | None:
         return read_pid(self.pid_file)
 
-    def start(self, env: dict[str, str], *, timeout: float = 120.0) -> None:
+    def start(self, env: dict[str, str], *, timeout: float = 300.0) -> None:
         if self.pid() is not None:
             return
-        ray_bin = Path(sys.executable).with_name("ray")
-        if not ray_bin.exists():
-            found = shutil.which("ray")
-            if found is None:
-                raise FileNotFoundError(
-                    "the `ray` command is not installed in this environment: run `make install`"
-                )
-            ray_bin = Path(found)
         s = self.settings
         require_free_ports(
             "the Ray head",
@@ -99,7 +152,7 @@ class RayHead:
             },
         )
         cmd = [
-            str(ray_bin),
+            str(ray_executable()),
             "start",
             "--head",
             "--block",
@@ -119,45 +172,48 @@ class RayHead:
             cmd.append(f"--num-cpus={s.num_cpus}")
         # Jobs run with this process's environment and working directory: the project root, so that
         # `ray job submit -- python pipelines/encode_latents.py` finds its files.
-        # `python` in a job's entrypoint is the first one on the head's PATH: make it this environment's.
-        venv_bin = str(Path(sys.executable).parent)
-        path = os.pathsep.join([venv_bin, env.get("PATH", os.defpath)])
         # Sessions, logs, spilled objects and sockets are this user's alone.
         for directory in (self.state_dir, self.private_temp_root):
             make_private_dir(directory)
-        start_detached(
+        start_ray_node(
+            "the Ray head",
             cmd,
             pid_file=self.pid_file,
             log_file=self.log_file,
-            env={**env, **self.auth_env(), "PATH": path},
+            env=node_process_env(env, self.auth_env()),
             cwd=self.workdir,
+            # The dashboard answers before the head's raylet has registered: ready means the head node is alive.
+            ready=lambda: self.dashboard_ready() and self.head_node_alive(),
+            timeout=timeout,
         )
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()  # a head that never became ready must not linger holding ports
-            raise
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.pid() is None:
-                raise RuntimeError(f"the Ray head exited while starting; see {self.log_file}")
-            if self.dashboard_ready():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"the Ray head did not become ready in {timeout:.0f} s; see {self.log_file}")
-
-    def dashboard_ready(self) -> bool:
+    def _get(self, path: str, *, timeout: float) -> dict:
         request = urllib.request.Request(
-            f"{self.dashboard_url}/api/version",
+            f"{self.dashboard_url}{path}",
             headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"},
         )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def dashboard_ready(self) -> bool:
         try:
-            with urllib.request.urlopen(request, timeout=2) as response:
-                return response.status == 200 and "ray_version" in json.loads(response.read())
+            return "ray_version" in self._get("/api/version", timeout=2)
         except (urllib.error.URLError, OSError, ValueError):
             return False
+
+    def head_node_alive(self) -> bool:
+        try:
+            return any(node["is_head_node"] for node in self.list_state("nodes", state="ALIVE", timeout=5))
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            return False
+
+    def list_state(self, resource: str, *, timeout: float = 30.0, **equal_to: str) -> list[dict]:
+        """Ray's state API (`ray list <resource>`) through the dashboard, e.g. `list_state("nodes")`."""
+        query = [("limit", "10000"), ("detail", "1")]
+        for key, value in equal_to.items():
+            query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+        answer = self._get(f"/api/v0/{resource}?{urllib.parse.urlencode(query)}", timeout=timeout)
+        return answer["data"]["result"]["result"]
 
     def stop(self, *, timeout: float = 60.0) -> bool:
         return stop_pid(self.pid_file, timeout=timeout)

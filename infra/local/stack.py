@@ -1,4 +1,4 @@
-"""The embedded local stack: a SeaweedFS S3 gateway and a Ray head on 127.0.0.1, state under `.stack/`."""
+"""The embedded local stack: a SeaweedFS S3 gateway, a Ray head and N Ray worker nodes on 127.0.0.1, under `.stack/`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pydantic import Field
 from infra.local.credentials import S3Credentials, make_private_dir, write_private_text
 from infra.local.netns import only_loopback
 from infra.local.ray_head import RayHead, RaySettings
+from infra.local.ray_workers import RayWorkerNode, RayWorkerSettings, worker_nodes
 from infra.local.seaweedfs import SeaweedInternalPorts, SeaweedS3
 from services.config import StrictModel
 
@@ -25,10 +26,11 @@ class StackSettings(StrictModel):
     s3_port: int = 8333
     s3_internal_ports: SeaweedInternalPorts = Field(default_factory=SeaweedInternalPorts)
     ray: RaySettings = Field(default_factory=RaySettings)
+    workers: RayWorkerSettings = Field(default_factory=RayWorkerSettings)
 
 
 class LocalStack:
-    """Start, find and stop the S3 server and the Ray head; each is idempotent."""
+    """Start, find and stop the S3 server, the Ray head and its worker nodes; each is idempotent."""
 
     def __init__(self, settings: StackSettings):
         self.settings = settings
@@ -41,7 +43,12 @@ class LocalStack:
             credentials=self._credentials,
             internal_ports=settings.s3_internal_ports,
         )
-        self.ray = RayHead(state / "ray", settings.ray, workdir=REPO_ROOT)
+        head_settings = settings.ray
+        if settings.workers.count and head_settings.num_cpus is None:
+            # With worker nodes the head only coordinates: tasks, actors and training ranks go to the workers.
+            head_settings = head_settings.model_copy(update={"num_cpus": 0})
+        self.ray = RayHead(state / "ray", head_settings, workdir=REPO_ROOT)
+        self.ray_workers = worker_nodes(state / "ray", settings.workers, head=self.ray, workdir=REPO_ROOT)
 
     @classmethod
     def from_env(cls) -> LocalStack:
@@ -60,12 +67,31 @@ class LocalStack:
         env_file_lines = [f"export {key}={value}" for key, value in self.client_env().items()]
         write_private_text(self.env_file, "\n".join(env_file_lines) + "\n")
         # Jobs inherit the head's environment: that is how they find the S3 endpoint and keys.
-        self.ray.start({**os.environ, **self.job_env()})
+        node_env = {**os.environ, **self.job_env()}
+        self.ray.start(node_env)
+        for node in self.ray_workers:
+            node.start(node_env)
         return self.status()
 
     def down(self) -> dict:
-        stopped = {"ray": self.ray.stop(), "s3": self.s3.stop()}
+        # Worker nodes found by their PID files, also those of an earlier `up` with more of them.
+        workers = self._started_workers()
+        stopped = {
+            **{f"ray_{node.label}": node.stop() for node in workers},
+            "ray": self.ray.stop(),
+            "s3": self.s3.stop(),
+        }
         return {"stopped": stopped, **self.status()}
+
+    def _started_workers(self) -> list[RayWorkerNode]:
+        pid_files = (self.settings.state_dir / "ray").glob("worker-*.pid")
+        count = max([int(path.stem.removeprefix("worker-")) for path in pid_files] + [self.settings.workers.count])
+        return worker_nodes(
+            self.settings.state_dir / "ray",
+            self.settings.workers.model_copy(update={"count": count}),
+            head=self.ray,
+            workdir=REPO_ROOT,
+        )
 
     def job_env(self) -> dict[str, str]:
         """What every job on this stack needs: storage endpoint and keys, loopback-only collectives."""
@@ -106,6 +132,10 @@ class LocalStack:
                 "running": self.ray.pid() is not None,
                 "address": self.ray.gcs_address,
                 "dashboard": self.ray.dashboard_url,
+                "workers": [
+                    {"label": node.label, "pid": node.pid(), "node_id": node.node_id() if node.pid() else None}
+                    for node in self._started_workers()
+                ],
             },
             "env_file": str(self.env_file),
         }

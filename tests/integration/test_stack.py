@@ -1,4 +1,4 @@
-"""The local stack: idempotent start, a real `ray job submit`, loopback-only sockets, stop by PID."""
+"""The local stack: idempotent start, worker nodes, a real `ray job submit`, loopback-only sockets, stop by PID."""
 
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 HYBRIDDIT = [sys.executable, "-m", "services.cli"]
 
 
-@pytest.fixture(scope="module")
-def stack_overrides(tmp_path_factory) -> list[str]:
-    state_dir = tmp_path_factory.mktemp("stack")
+def free_stack_overrides(state_dir: Path) -> list[str]:
+    """`--set` arguments for a stack of its own: its state dir, free loopback ports, small sizes."""
     internal = SeaweedInternalPorts.free()
     ports = {
         **{f"s3_internal_ports.{name}": port for name, port in internal.model_dump().items()},
@@ -34,13 +33,19 @@ def stack_overrides(tmp_path_factory) -> list[str]:
         "ray.metrics_export_port": free_port(),
         "ray.dashboard_agent_port": free_port(),
     }
-    settings = [f"state_dir={state_dir}", "ray.num_cpus=1", f"ray.object_store_memory_bytes={256 << 20}"]
+    settings = [f"state_dir={state_dir}", f"ray.object_store_memory_bytes={256 << 20}", "workers.num_cpus=1",
+                f"workers.object_store_memory_bytes={256 << 20}"]  # fmt: skip
     return [arg for item in settings + [f"{k}={v}" for k, v in ports.items()] for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def stack_overrides(tmp_path_factory) -> list[str]:
+    return free_stack_overrides(tmp_path_factory.mktemp("stack"))
 
 
 def hybriddit_stack(action: str, overrides: list[str]) -> dict:
     done = subprocess.run(
-        [*HYBRIDDIT, "stack", action, *overrides], cwd=REPO, capture_output=True, text=True, timeout=240
+        [*HYBRIDDIT, "stack", action, *overrides], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout[: done.stdout.rindex("}") + 1])
@@ -72,14 +77,23 @@ def assert_state_is_private(state_dir: Path) -> None:
     assert modes == {str(path): "0o700" for path in private}
 
 
-def test_stack_up_twice_submit_job_loopback_only_then_down(stack_overrides):
+def stack_pid_files(status: dict) -> list[str]:
+    return ["seaweedfs/seaweedfs.pid", "ray/ray.pid", *(f"ray/{node['label']}.pid" for node in status["ray"]["workers"])]
+
+
+def test_stack_up_twice_with_two_worker_nodes_submit_job_loopback_only_then_down(stack_overrides):
+    up = [*stack_overrides, "--workers", "2"]
     try:
-        first = hybriddit_stack("up", stack_overrides)
-        second = hybriddit_stack("up", stack_overrides)
+        first = hybriddit_stack("up", up)
+        second = hybriddit_stack("up", up)
         assert first["s3"]["running"] and first["ray"]["running"]
-        s3_pid = pid_of(first, "seaweedfs/seaweedfs.pid")
-        ray_pid = pid_of(first, "ray/ray.pid")
-        assert (pid_of(second, "seaweedfs/seaweedfs.pid"), pid_of(second, "ray/ray.pid")) == (s3_pid, ray_pid)
+        workers = first["ray"]["workers"]
+        assert [node["label"] for node in workers] == ["worker-1", "worker-2"]
+        assert all(node["pid"] and node["node_id"] for node in workers), workers
+        pids = [pid_of(first, name) for name in stack_pid_files(first)]
+        assert [pid_of(second, name) for name in stack_pid_files(second)] == pids
+        assert hybriddit_stack("status", stack_overrides)["ray"]["workers"] == workers
+        s3_pid, ray_pid = pids[:2]
         weed_processes = [
             p
             for p in psutil.process_iter(["name", "cmdline"])
@@ -98,7 +112,9 @@ def test_stack_up_twice_submit_job_loopback_only_then_down(stack_overrides):
                 "--",
                 "python",
                 "-c",
-                "import ray; ray.init(); print('cpus', ray.cluster_resources()['CPU'])",
+                "import ray; ray.init(); print('cpus', ray.cluster_resources()['CPU'], 'nodes',"
+                " sorted((n['Labels'].get('hybriddit-node', 'head'), n['Resources'].get('CPU', 0)) for n in ray.nodes()"
+                " if n['Alive']))",
             ],
             capture_output=True,
             text=True,
@@ -107,9 +123,10 @@ def test_stack_up_twice_submit_job_loopback_only_then_down(stack_overrides):
             env={**os.environ, **stack_client_env(stack_overrides)},
         )
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
-        assert "cpus 1.0" in job.stdout
+        # The head only coordinates; each worker node brings its own CPU.
+        assert "cpus 2.0 nodes [('head', 0), ('worker-1', 1.0), ('worker-2', 1.0)]" in job.stdout, job.stdout[-2000:]
 
-        stack_pids = session_pids(s3_pid) + session_pids(ray_pid)
+        stack_pids = [pid for leader in pids for pid in session_pids(leader)]
         wildcard_ok = only_loopback()  # 0.0.0.0 reaches nothing but `lo` inside a loopback-only namespace
         for pid in stack_pids:
             try:
@@ -123,7 +140,8 @@ def test_stack_up_twice_submit_job_loopback_only_then_down(stack_overrides):
                     assert is_loopback(conn.raddr.ip), (pid, conn)
     finally:
         down = hybriddit_stack("down", stack_overrides)
-    assert down["stopped"] == {"ray": True, "s3": True}
+    assert down["stopped"] == {"ray_worker-1": True, "ray_worker-2": True, "ray": True, "s3": True}
     assert not down["s3"]["running"] and not down["ray"]["running"]
-    for pid in (s3_pid, ray_pid):
+    assert down["ray"]["workers"] == []  # their PID files are gone with them
+    for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -34,6 +34,7 @@ from tests.fixtures.corpora import (
     make_laion_parquet,
     photo_jpeg,
 )
+from tests.fixtures.ray_cluster import new_submission_id
 
 CONFIG = "configs/encode/folder-taef2-minilm.yaml"
 RESOLUTION = 128
@@ -64,8 +65,8 @@ def deprecation_notices(log: str) -> list[str]:
             if "deprecat" in line.lower() and not any(source in line for source in FOREIGN_DEPRECATIONS)]  # fmt: skip
 
 
-def run_job(cluster, argv: list[str]) -> dict:
-    job = cluster.submit(argv, timeout=JOB_TIMEOUT_S)
+def run_job(cluster, argv: list[str], *, submission_id: str | None = None) -> dict:
+    job = cluster.submit(argv, timeout=JOB_TIMEOUT_S, submission_id=submission_id)
     summary = summary_of(job)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert deprecation_notices(job.stdout + job.stderr) == []
@@ -82,7 +83,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * np.log10(255.0**2 / mse)
 
 
-def test_finet2i_tars_become_a_cache_with_every_key_once_faithful_latents_and_text(ray_cluster, s3_server, tmp_path):
+def test_finet2i_tars_become_a_cache_with_every_key_once_faithful_latents_and_text_on_two_nodes(
+    ray_cluster, s3_server, tmp_path
+):
     records = finet2i_records()
     uris = []
     for part, chunk in enumerate((records[:4], records[4:])):
@@ -90,7 +93,10 @@ def test_finet2i_tars_become_a_cache_with_every_key_once_faithful_latents_and_te
         uris.append(s3_server.uri("corpora/finet2i/synthetic", f"train-{part:06d}.tar"))
         storage.upload_file(local, uris[-1])
     out = s3_server.uri("caches/finet2i")
-    summary = run_job(ray_cluster, encode_args({"kind": "finet2i", "uris": uris}, out))
+    submission_id = new_submission_id("encode-finet2i")
+    summary = run_job(ray_cluster, encode_args({"kind": "finet2i", "uris": uris}, out), submission_id=submission_id)
+    workers = ray_cluster.worker_node_ids()
+    assert len(workers) == 2 and workers <= ray_cluster.job_node_ids(submission_id), "the job ran on one node"
 
     samples = cached(out)
     assert sorted(sample.key for sample in samples) == sorted(record["__key__"] for record in records)

@@ -12,9 +12,13 @@ from tests.pipelines.test_encode_job import encode_args, run_job
 SCRAPE_DEADLINE_S = 90  # Ray's agents export what workers record every few seconds
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return response.read().decode()
+def scrape(ports: list[int]) -> str:
+    """What Prometheus collects from every node (each exports what its own workers record)."""
+    expositions = []
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            expositions.append(response.read().decode())
+    return "\n".join(expositions)
 
 
 def test_an_encode_job_exports_the_projects_metrics_on_rays_metrics_endpoint(ray_cluster, s3_server, tmp_path):
@@ -28,7 +32,7 @@ def test_an_encode_job_exports_the_projects_metrics_on_rays_metrics_endpoint(ray
     wanted = {spec.exported_name for spec in ENCODE_METRICS}
     deadline = time.monotonic() + SCRAPE_DEADLINE_S
     while True:
-        exposition = scrape(ray_cluster.head.settings.metrics_export_port)
+        exposition = scrape(ray_cluster.metrics_ports())
         missing = {name for name in wanted if name not in exposition}
         if not missing or time.monotonic() > deadline:
             break

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from services import storage
-from tests.fixtures.ray_cluster import REPO
+from tests.fixtures.ray_cluster import REPO, new_submission_id
 from tests.trainer.tiny_cache import write_tiny_cache
 from trainer.checkpoint import LATEST
 
@@ -53,14 +53,18 @@ def summary_of(output: str) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, s3_server, s3_cache):
     started = time.monotonic()
+    submission_id = new_submission_id("train-straight")
     result = ray_cluster.submit(train_argv(s3_cache, s3_server.uri("trainer-tests", "straight", "checkpoints")),
-                                timeout=600)
+                                timeout=600, submission_id=submission_id)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert project_warnings(result.stdout + result.stderr) == []
-    return {**summary_of(result.stdout), "seconds": time.monotonic() - started}
+    return {**summary_of(result.stdout), "seconds": time.monotonic() - started,
+            "node_ids": ray_cluster.job_node_ids(submission_id)}  # fmt: skip
 
 
-def test_two_ddp_workers_stay_identical_and_the_loss_falls(uninterrupted):
+def test_two_ddp_workers_on_two_nodes_stay_identical_and_the_loss_falls(ray_cluster, uninterrupted):
+    workers = ray_cluster.worker_node_ids()
+    assert len(workers) == 2 and workers <= uninterrupted["node_ids"], "the DDP ranks did not run on both nodes"
     first, second = uninterrupted["replica_fingerprints"]
     assert first == second
     losses = uninterrupted["reported_losses"]
