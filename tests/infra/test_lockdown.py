@@ -36,6 +36,8 @@ def effective_compose(env_file: Path) -> dict[str, Any]:
         [docker_compose_binary(), "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "--profile", "gpu",
          "config", "--format", "json"],
         cwd=env_file.parent, capture_output=True, text=True, timeout=60,
+        # Compose lets the shell's variables win over the env file: keep the test session's AWS_* (its S3 server) out.
+        env={name: os.environ[name] for name in ("PATH", "HOME", "TMPDIR") if name in os.environ},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

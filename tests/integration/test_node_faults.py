@@ -225,7 +225,9 @@ def test_killing_the_whole_stack_mid_training_then_stack_up_and_resubmit_resumes
         hybriddit_stack("down", up)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert [int(step) for step in RESUMED.findall(output)] == [saved_step], output[-3000:]
+    # Every rank logs its resume (and Ray may repeat a line): each must name the step last saved before the kill.
+    resumed_at = {int(step) for step in RESUMED.findall(output)}
+    assert resumed_at == {saved_step}, output[-3000:]
     resumed = summary_of(result.stdout)
     assert resumed["step"] == STEPS
     assert resumed["replica_fingerprints"] == pytest.approx(uninterrupted_train["replica_fingerprints"], rel=1e-6)
