@@ -91,6 +91,15 @@ def uninterrupted_train(cluster, s3_server, tiny_cache) -> dict:
     return {**summary_of(result.stdout), "seconds": time.monotonic() - started}
 
 
+def wait_for_first_checkpoint(checkpoints: str, job: subprocess.Popen) -> None:
+    """Until the running train job has published a complete checkpoint (its `latest.json`)."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not storage.exists(storage.join(checkpoints, LATEST)):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        assert job.poll() is None, "the job ended before its first checkpoint"
+        time.sleep(0.5)
+
+
 def test_an_encode_job_that_loses_a_worker_node_ends_with_the_uninterrupted_key_set(cluster, s3_server, photos):
     out = s3_server.uri("node-faults", "encode-node-killed")
     argv = streaming_args(photos, out)
@@ -150,11 +159,7 @@ def test_a_train_job_that_loses_a_worker_node_restarts_its_group_when_the_node_r
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     victim = cluster.workers[-1]
     try:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not storage.exists(storage.join(checkpoints, LATEST)):
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            assert job.poll() is None, "the job ended before its first checkpoint"
-            time.sleep(0.5)
+        wait_for_first_checkpoint(checkpoints, job)
         killed_id = victim.node_id()
         killed_at = time.monotonic()
         kill_node(victim)
@@ -199,11 +204,7 @@ def test_killing_the_whole_stack_mid_training_then_stack_up_and_resubmit_resumes
                   *train_argv(cache, checkpoints)]  # fmt: skip
         job = subprocess.Popen(submit, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            deadline = time.monotonic() + JOB_TIMEOUT_S
-            while not storage.exists(storage.join(checkpoints, LATEST)):
-                assert time.monotonic() < deadline, "no checkpoint appeared"
-                assert job.poll() is None, "the job ended before its first checkpoint"
-                time.sleep(0.5)
+            wait_for_first_checkpoint(checkpoints, job)
             killed_at = time.monotonic()
             leaders = [pid_of(status, name) for name in stack_pid_files(status)]
             for leader in leaders:

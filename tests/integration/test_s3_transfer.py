@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import socket
 import threading
-import time
 
 import pytest
 
@@ -19,19 +17,6 @@ def payload(name: str, size: int) -> bytes:
     """Deterministic bytes that differ per name and per 32-byte block, so a shifted or mixed part cannot pass."""
     blocks = (hashlib.sha256(f"{name}/{index}".encode()).digest() for index in range(size // 32 + 1))
     return b"".join(blocks)[:size]
-
-
-@pytest.fixture
-def prefix(s3_server, request) -> str:
-    return s3_server.uri("tests", f"{request.node.name}-{time.monotonic_ns()}")
-
-
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

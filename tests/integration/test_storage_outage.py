@@ -21,11 +21,6 @@ from trainer.data import TrainingStream, index_shards
 WAITS_OUT = {"retry_deadline_seconds": 60, "backoff_seconds": 0.2, "max_backoff_seconds": 1.0}
 
 
-@pytest.fixture
-def prefix(s3_server, request) -> str:
-    return s3_server.uri("outage-tests", f"{request.node.name}-{time.monotonic_ns()}")
-
-
 def training_stream(cache_uri: str, *, loader_process: bool) -> TrainingStream:
     return TrainingStream(index_shards([cache_uri]), seed=5, rank=0, world_size=1, batch_per_rank=4,
                           window_shards=2, placeholder_text=np.zeros((1, TEXT_DIM), np.float32),

@@ -7,7 +7,6 @@ import http.server
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,20 +26,6 @@ def payload(name: str, size: int) -> bytes:
     """Deterministic bytes that differ per name, so a mixed-up or truncated object cannot pass."""
     seed = hashlib.sha256(name.encode()).digest()
     return (seed * (size // len(seed) + 1))[:size]
-
-
-@pytest.fixture
-def prefix(s3_server, request) -> str:
-    """A fresh prefix per test inside the session's bucket."""
-    return s3_server.uri("tests", f"{request.node.name}-{time.monotonic_ns()}")
-
-
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class _AlwaysUnavailable(http.server.BaseHTTPRequestHandler):

@@ -4,7 +4,6 @@ markers may only name files inside their own prefix, and a damaged export is ref
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import torch
@@ -15,11 +14,6 @@ from trainer.models import build_model
 
 CODEC = {"name": "pixel", "tiny": False, "factor": 4}
 TEXT = {"name": "minilm", "tiny": True}
-
-
-@pytest.fixture
-def prefix(s3_server, request) -> str:
-    return s3_server.uri("verified", f"{request.node.name}-{time.monotonic_ns()}")
 
 
 def published(prefix: str, tmp_path) -> dict:
