@@ -214,10 +214,17 @@ class ArrowStage:
         return rows_to_table(self.process(batch.to_pylist()))
 
 
+def use_stage_threads(stage: CodecStageConfig | TextStageConfig) -> None:
+    threads = stage.torch_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 class ImageEncoderActor(ArrowStage):
     """The image codec: pixels -> normalised latents, batched by image shape."""
 
     def __init__(self, stage: CodecStageConfig, *, codec: Codec | None = None) -> None:
+        use_stage_threads(stage)
         self.codec = codec or build_codec(stage.name, device=stage.device, dtype=stage.dtype, tiny=stage.tiny,
                                           **stage.options)  # fmt: skip
         self.batch_size = stage.batch_size
@@ -248,6 +255,7 @@ class TextEncoderActor(ArrowStage):
     """The text encoder: captions -> last hidden states of their real tokens."""
 
     def __init__(self, stage: TextStageConfig, *, encoder: TextEncoder | None = None) -> None:
+        use_stage_threads(stage)
         self.encoder = encoder or build_text_encoder(stage.name, device=stage.device, dtype=stage.dtype,
                                                      tiny=stage.tiny, **stage.options)  # fmt: skip
         self.batch_size = stage.batch_size

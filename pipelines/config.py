@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import os
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,6 +31,12 @@ class EncoderStageConfig(StrictModel):
     # Fractional by default: on a 2-CPU node, pools that take every CPU starve the read tasks (deadlock).
     num_cpus: float = Field(default=0.5, gt=0, description="CPUs per actor")
     dtype: EncoderDtype = Field(default="bfloat16", description="compute dtype on CUDA; CPU always runs float32")
+    # Ray starts an actor with OMP_NUM_THREADS = its num_cpus (1 for a fractional share), so on a CPU-only
+    # node a pool of one actor computes on one core while the others wait for its batches.
+    cpu_threads: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
+        default=None, description="torch threads per actor on CPU: a number, 'all' (every core the actor's "
+        "process may use) or None (Ray's share, its num_cpus rounded up)",
+    )
 
     @model_validator(mode="after")
     def _pool_range_is_ordered(self) -> EncoderStageConfig:
@@ -40,6 +47,12 @@ class EncoderStageConfig(StrictModel):
     @property
     def device(self) -> str:
         return "cuda" if self.num_gpus > 0 else "cpu"
+
+    def torch_threads(self) -> int | None:
+        """The intra-op threads this stage asks for on CPU; None leaves Ray's setting alone."""
+        if self.device != "cpu" or self.cpu_threads is None:
+            return None
+        return len(os.sched_getaffinity(0)) if self.cpu_threads == "all" else self.cpu_threads
 
 
 class CodecStageConfig(EncoderStageConfig):

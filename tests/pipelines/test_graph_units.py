@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -132,6 +133,29 @@ def test_image_encoder_encodes_mixed_shapes_in_one_batch_exactly(folder, tmp_pat
         latent = torch.tensor(npy_view(row["latent"], "latent"))[None]
         decoded = encoder.codec.decode(latent)[0].permute(1, 2, 0).numpy() * 255
         assert row["pixels"] == b"" and np.abs(decoded - original).max() < 1e-3
+
+
+@pytest.fixture
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("cpu_threads", [None, 1, "all"])
+def test_encoder_actors_take_the_configured_cpu_threads(folder, tmp_path, restore_torch_threads, cpu_threads):
+    """Ray starts fractional-CPU actors with one thread; `cpu_threads` gives a CPU-only pool the node's cores."""
+    job = job_config(folder, tmp_path / "out", codec={"cpu_threads": cpu_threads}, text={"cpu_threads": cpu_threads})
+    expected = {None: 3, 1: 1, "all": len(os.sched_getaffinity(0))}[cpu_threads]
+    for build in (lambda: ImageEncoderActor(job.codec), lambda: TextEncoderActor(job.text)):
+        torch.set_num_threads(3)
+        build()
+        assert torch.get_num_threads() == expected
+
+
+def test_cpu_threads_are_left_alone_on_cuda(folder, tmp_path):
+    job = job_config(folder, tmp_path / "out", codec={"cpu_threads": 2, "num_gpus": 1})
+    assert job.codec.torch_threads() is None and job.text.torch_threads() is None
 
 
 class ExplodingOn:
