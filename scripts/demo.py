@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ SUMMARY_FILE = "demo_summary.json"
 SAMPLES_PER_DIGIT = 10
 # The jobs spread over several raylets (encode actors, one DDP rank per node), as on a real cluster.
 WORKER_NODES = 2  # `make demo` starts the stack with `--workers 2`
+JOB_POLL_SECONDS = 2.0
 
 
 class DemoError(RuntimeError):
@@ -76,9 +78,26 @@ def run_logged(stage: str, argv: list[str], log_dir: Path) -> str:
 
 
 def submit(stage: str, dashboard: str, job_argv: list[str], log_dir: Path) -> str:
-    """`ray job submit` and wait; the job runs in the head's working directory (this repository)."""
+    """`ray job submit`, then wait for the job itself to end; returns the job's whole log.
+
+    The submit command follows the job's log over a websocket, which can close while the job still
+    runs (seen on an overloaded machine: the command exited 0 with the job RUNNING), so the job's end
+    is read from the job API rather than from the command's exit.
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     ray = Path(sys.executable).with_name("ray")
-    return run_logged(stage, [str(ray), "job", "submit", "--address", dashboard, "--", "python", *job_argv], log_dir)
+    job_id = f"demo-{stage}-{uuid.uuid4().hex[:8]}"
+    run_logged(stage, [str(ray), "job", "submit", "--address", dashboard, "--submission-id", job_id, "--", "python",
+                       *job_argv], log_dir)  # fmt: skip
+    client = JobSubmissionClient(dashboard)
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        time.sleep(JOB_POLL_SECONDS)
+    output = client.get_job_logs(job_id)
+    if status != JobStatus.SUCCEEDED:
+        tail = "\n".join(output.splitlines()[-25:])
+        raise DemoError(f"job {job_id} of stage {stage!r} ended {status.value}; full log: {log_dir / stage}.log\n{tail}")
+    return output
 
 
 def sample_grid(paths: list[Path], out: Path, rows: int, margin: int = 4, scale: int = 2) -> Path:
