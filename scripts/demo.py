@@ -2,7 +2,7 @@
 
     hybriddit exec -- .venv/bin/python scripts/demo.py [--out out/demo] [--train-steps N]
 
-Builds the demo corpus from data shipped in installed packages (pipelines/demo_corpus.py), submits
+Builds the demo corpus from data shipped in installed packages (pipelines/demo/corpus.py), submits
 the encode job twice (training folder, held-out digits) and the train job with `ray job submit`,
 generates ten images of each digit from the final checkpoint, submits the evaluation job, and prints
 where the cache, checkpoints, sample grid and report are, the dashboard URL and each stage's time.
@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipelines.demo_corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, digit_caption  # noqa: E402
+from pipelines.demo.corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, digit_caption  # noqa: E402
 
 CONFIGS = REPO_ROOT / "configs" / "demo"
 SUMMARY_FILE = "demo_summary.json"

@@ -76,7 +76,7 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, 
 
 
 @dataclass
-class Checkpoint:
+class LoadedCheckpoint:
     """A checkpoint read back: tensors on the CPU and the JSON state."""
 
     uri: str
@@ -105,8 +105,8 @@ def write_checkpoint_dir(directory: Path, *, model: dict[str, torch.Tensor], opt
     write_export(directory / EXPORT_DIR)
 
 
-def read_checkpoint_dir(directory: Path, uri: str) -> Checkpoint:
-    return Checkpoint(
+def read_checkpoint_dir(directory: Path, uri: str) -> LoadedCheckpoint:
+    return LoadedCheckpoint(
         uri=uri,
         model=load_file(directory / "model.safetensors"),
         ema=load_file(directory / EXPORT_DIR / WEIGHTS_FILE),
@@ -151,10 +151,10 @@ def newest_verified(uri: str, verify: Callable[[str], T]) -> T | None:
     return None
 
 
-def load_latest(uri: str, local_dir: str | Path | None = None) -> Checkpoint | None:
+def load_latest(uri: str, local_dir: str | Path | None = None) -> LoadedCheckpoint | None:
     """The newest checkpoint under `uri` whose files match its completion marker (see `newest_verified`), or None."""
 
-    def download(checkpoint_uri: str) -> Checkpoint:
+    def download(checkpoint_uri: str) -> LoadedCheckpoint:
         with tempfile.TemporaryDirectory(prefix="hybriddit-resume-", dir=local_dir) as scratch:
             storage.download_published_dir(checkpoint_uri, scratch)
             return read_checkpoint_dir(Path(scratch), checkpoint_uri)

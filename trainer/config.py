@@ -101,7 +101,7 @@ class SamplesConfig(StrictModel):
         return bool(self.prompts)
 
 
-class ScalingConfig(StrictModel):
+class WorkerScaling(StrictModel):
     """Ray Train workers: one DDP rank each."""
 
     num_workers: int = Field(1, ge=1)
@@ -136,7 +136,7 @@ class TrainJobConfig(StrictModel):
     checkpoint: CheckpointConfig
     validation: ValidationConfig = ValidationConfig()
     samples: SamplesConfig = SamplesConfig()
-    scaling: ScalingConfig = ScalingConfig()
+    scaling: WorkerScaling = WorkerScaling()
     ray_storage_path: str | None = Field(None, description="Ray Train's run directory; None = Ray's default")
 
     @model_validator(mode="after")

@@ -5,7 +5,7 @@
 
 Reads N held-out samples of a latent cache (decoded with the cache's codec: the reference images) and
 generates one image per reference caption with `trainer/generate.py` (in this process, or split into
-Ray tasks for large N). FID/KID compare the two sets in a pluggable feature space (`eval_features`);
+Ray tasks for large N). FID/KID compare the two sets in a pluggable feature space (`trainer/evaluation/features.py`);
 CLIP score needs local CLIP weights; with `features: digits` the digit classifier fitted on the
 reference also reports how often a generated image shows the digit its prompt asked for. The report
 is written as `eval.json` next to the checkpoint.
@@ -183,7 +183,7 @@ def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, kid_subset_size
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from trainer.eval_features import Precomputed
+    from trainer.evaluation.features import Precomputed
 
     identity = Precomputed(real.shape[1])
     fid = FrechetInceptionDistance(feature=identity, normalize=True)
@@ -215,8 +215,8 @@ def clip_score(model: str, images: torch.Tensor, prompts: list[str], batch: int 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run the evaluation and write the report; returns it."""
     from services import storage
-    from trainer.digit_classifier import digit_accuracy
-    from trainer.eval_features import DigitFeatures, build_features, reference_digits
+    from trainer.evaluation.digit_classifier import digit_accuracy
+    from trainer.evaluation.features import DigitFeatures, build_features, reference_digits
 
     started = time.perf_counter()
     export_uri, report_dir = resolve_export(config.checkpoint)

@@ -29,7 +29,7 @@ from trainer.flow_matching import flow_matching_loss
 from trainer.models import build_model, resolve_config
 from trainer.models.hybrid_dit import DiTBlock
 from trainer.optim import build_optimizer
-from trainer.precision import apply_activation_checkpointing, autocast, convert_to_fp8, resolve_precision
+from trainer.precision import apply_activation_checkpointing, autocast, convert_to_fp8, precision_for_device
 from trainer.validation import SAMPLES_DIR, publish_sample_grid, validation_loss
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class Trainer:
         self.on_skipped = on_skipped
         # Tests stop a run after this many steps (a simulated kill), without a final checkpoint.
         self.stop_after = stop_after
-        self.precision = resolve_precision(config.precision, self.context.device, config.allow_fp8_fallback)
+        self.precision = precision_for_device(config.precision, self.context.device, config.allow_fp8_fallback)
         self.total_steps = total_steps(config, dataset)
         self._build()
 

@@ -35,11 +35,6 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RE
 def worker_env() -> dict[str, str]:
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     env.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-    from infra.local.netns import only_loopback
-
-    # gloo picks the host's first interface; on a loopback-only node that must be `lo`.
-    if only_loopback():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return env
 
 

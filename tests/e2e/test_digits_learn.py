@@ -1,6 +1,6 @@
 """Proof it learns: digits through the real encode, train and evaluation jobs, scored by a digit classifier.
 
-The corpus is scikit-learn's digits (pipelines/demo_corpus.py), encoded with the pixel codec and the real
+The corpus is scikit-learn's digits (pipelines/demo/corpus.py), encoded with the pixel codec and the real
 MiniLM text encoder by `ray job submit` of the encode job, trained by the train job (2 CPU DDP workers)
 with configs/demo/train.yaml, and judged by the evaluation job on Ray: a classifier fitted on held-out
 real digits reads the generated images, which must show the digit their prompt names.
@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.demo_corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, digit_caption, load_digit_split
+from pipelines.demo.corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, digit_caption, load_digit_split
 from services import storage
 from tests.fixtures.ray_cluster import REPO
-from trainer.digit_classifier import digit_accuracy, fit_digit_classifier
 from trainer.evaluate import REPORT_FILE, resolve_export
+from trainer.evaluation.digit_classifier import digit_accuracy, fit_digit_classifier
 
 CONFIGS = REPO / "configs" / "demo"
 FULL_RUN_ACCURACY = 0.8
@@ -103,7 +103,7 @@ def test_a_short_run_already_draws_zeros_and_ones(ray_cluster, s3_server, tmp_pa
 
 
 def _images(ink: np.ndarray) -> torch.Tensor:
-    from pipelines.demo_corpus import ink_to_image
+    from pipelines.demo.corpus import ink_to_image
 
     pixels = np.stack([np.asarray(ink_to_image(sample)) for sample in ink])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255

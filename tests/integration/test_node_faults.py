@@ -15,6 +15,7 @@ import time
 import pytest
 
 from infra.local.processes import kill_session, session_pids
+from pipelines.demo.synthetic_cache import write_tiny_cache
 from services import storage
 from services.cache.manifest import list_progress
 from tests.fixtures.ray_cluster import (
@@ -34,7 +35,6 @@ from tests.integration.test_stack import (
 from tests.pipelines.test_encode_job import cached_keys, streaming_args, wait_for_progress
 from tests.pipelines.test_encode_job import summary_of as encode_summary_of
 from tests.trainer.test_train_job import STEPS, summary_of, train_argv
-from tests.trainer.tiny_cache import write_tiny_cache
 from trainer.checkpoint import LATEST
 
 # Generous: on the shared 2-core machine these ran beside other engineers' jobs (load average ~25), where
@@ -67,11 +67,11 @@ def cluster(s3_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from tests.fixtures.corpora import make_folder_corpus
+    from pipelines.demo.photos import write_photo_folder
 
     root = tmp_path_factory.mktemp("fault-photos")
     for copy in range(6):
-        make_folder_corpus(root / f"copy{copy}")
+        write_photo_folder(root / f"copy{copy}")
     return root
 
 

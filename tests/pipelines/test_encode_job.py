@@ -30,9 +30,9 @@ from tests.fixtures.corpora import (
     laion_rows,
     make_bad_input_corpus,
     make_finet2i_tar,
-    make_folder_corpus,
     make_laion_parquet,
     photo_jpeg,
+    write_photo_folder,
 )
 from tests.fixtures.ray_cluster import new_submission_id
 
@@ -157,7 +157,7 @@ def many_photos(tmp_path_factory) -> Path:
     """42 photos in 21 units of 2."""
     root = tmp_path_factory.mktemp("many")
     for copy in range(6):
-        make_folder_corpus(root / f"copy{copy}")
+        write_photo_folder(root / f"copy{copy}")
     return root
 
 

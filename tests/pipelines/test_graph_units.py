@@ -27,6 +27,7 @@ from pipelines.actors import (
     unit_row,
 )
 from pipelines.config import EncodeJobConfig
+from pipelines.demo.photos import write_photo_folder
 from pipelines.graph import actor_pool
 from pipelines.job import delete_stale_shards, run_encode, selected_units
 from pipelines.ledger import UnitLedger
@@ -37,7 +38,7 @@ from services.cache.manifest import list_progress, read_manifest, read_plan, rea
 from services.cache.reader import SkipCounter, cache_dataset
 from services.cache.schema import npy_bytes, npy_view
 from services.config import ConfigError, load_config
-from tests.fixtures.corpora import make_bad_input_corpus, make_folder_corpus, photo_jpeg
+from tests.fixtures.corpora import make_bad_input_corpus, photo_jpeg
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = PreprocessConfig(resolution=64, min_size=16)
@@ -65,7 +66,7 @@ def cached_samples(out: Path) -> list:
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    make_folder_corpus(tmp_path / "corpus")
+    write_photo_folder(tmp_path / "corpus")
     return tmp_path / "corpus"
 
 

@@ -28,9 +28,9 @@ from tests.fixtures.corpora import (
     laion_rows,
     make_class_folder_corpus,
     make_finet2i_tar,
-    make_folder_corpus,
     make_laion_parquet,
     reasons_by_key,
+    write_photo_folder,
 )
 
 PREPROCESS = PreprocessConfig(resolution=64, multiple_of=32)
@@ -251,7 +251,7 @@ def test_laion_missing_url_column_names_the_file_and_the_column(tmp_path):
 
 
 def test_folder_pairs_images_with_same_stem_captions_and_json(tmp_path):
-    expected = make_folder_corpus(tmp_path / "photos")
+    expected = write_photo_folder(tmp_path / "photos")
 
     samples = all_samples(build_source(FolderConfig(root=str(tmp_path / "photos"))))
 
@@ -261,7 +261,7 @@ def test_folder_pairs_images_with_same_stem_captions_and_json(tmp_path):
 
 
 def test_folder_units_are_sorted_chunks_of_files(tmp_path):
-    make_folder_corpus(tmp_path / "photos")
+    write_photo_folder(tmp_path / "photos")
 
     units = build_source(FolderConfig(root=str(tmp_path / "photos"), files_per_unit=3)).list_units()
 
@@ -274,7 +274,7 @@ def test_folder_units_are_sorted_chunks_of_files(tmp_path):
 
 
 def test_folder_refuses_two_images_sharing_one_caption_stem(tmp_path):
-    make_folder_corpus(tmp_path, PHOTOS[:1])
+    write_photo_folder(tmp_path, PHOTOS[:1])
     (tmp_path / "astronaut.png").write_bytes(b"")
 
     with pytest.raises(ValueError, match="astronaut.png"):

@@ -13,7 +13,7 @@ from trainer.ema import EMA
 from trainer.models import build_model
 from trainer.models.hybrid_dit import DiTBlock
 from trainer.optim import build_optimizer, warmup_cosine
-from trainer.precision import PrecisionUnavailableError, apply_activation_checkpointing, resolve_precision
+from trainer.precision import PrecisionUnavailableError, apply_activation_checkpointing, precision_for_device
 
 CPU = torch.device("cpu")
 
@@ -45,13 +45,13 @@ def test_ema_moves_each_weight_by_one_minus_decay_towards_the_model():
 
 def test_fp8_on_a_cpu_is_a_clear_error_unless_fallback_is_allowed():
     with pytest.raises(PrecisionUnavailableError, match="allow_fp8_fallback"):
-        resolve_precision("fp8", CPU, allow_fp8_fallback=False)
-    assert resolve_precision("fp8", CPU, allow_fp8_fallback=True) == "fp32"
+        precision_for_device("fp8", CPU, allow_fp8_fallback=False)
+    assert precision_for_device("fp8", CPU, allow_fp8_fallback=True) == "fp32"
 
 
 def test_bf16_autocast_is_refused_on_a_cpu():
     with pytest.raises(PrecisionUnavailableError, match="precision=fp32"):
-        resolve_precision("bf16", CPU, allow_fp8_fallback=False)
+        precision_for_device("bf16", CPU, allow_fp8_fallback=False)
 
 
 def test_activation_checkpointing_keeps_state_dict_keys_and_gradients():

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.demo_corpus import digit_caption, ink_to_image, load_digit_split
+from pipelines.demo.corpus import digit_caption, ink_to_image, load_digit_split
 from services import storage
 from services.cache import manifest
 from services.cache.schema import CacheSample
 from services.cache.writer import UnitShardWriter, write_null_text
 from services.encoders import build_codec
-from trainer.digit_classifier import digit_accuracy, digit_of_caption, fit_digit_classifier
-from trainer.eval_features import FeatureExtractorError, build_features
 from trainer.evaluate import EvalConfig, distribution_metrics, evaluate, generate_images, resolve_export
+from trainer.evaluation.digit_classifier import digit_accuracy, digit_of_caption, fit_digit_classifier
+from trainer.evaluation.features import FeatureExtractorError, build_features
 from trainer.export import save_exported_model
 from trainer.models import build_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.trainer.tiny_cache import write_tiny_cache
+from pipelines.demo.synthetic_cache import write_tiny_cache
 from trainer import checkpoint as ckpt
 from trainer.config import TrainJobConfig
 from trainer.loop import Trainer, resolve_dataset

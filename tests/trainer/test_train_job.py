@@ -11,9 +11,9 @@ import time
 import psutil
 import pytest
 
+from pipelines.demo.synthetic_cache import write_tiny_cache
 from services import storage
 from tests.fixtures.ray_cluster import REPO, new_submission_id
-from tests.trainer.tiny_cache import write_tiny_cache
 from trainer.checkpoint import LATEST
 
 SUMMARY = re.compile(r"TRAIN_SUMMARY (\{.*\})")
@@ -147,10 +147,10 @@ def test_a_training_worker_killed_mid_run_is_replaced_and_the_run_ends_like_an_u
 
 @pytest.mark.slow
 def test_the_train_job_trains_on_a_cache_written_by_the_encode_job(ray_cluster, s3_server, tmp_path):
+    from pipelines.demo.photos import write_photo_folder
     from services.cache.manifest import read_manifest
-    from tests.fixtures.corpora import make_folder_corpus
 
-    make_folder_corpus(tmp_path / "photos")
+    write_photo_folder(tmp_path / "photos")
     cache = s3_server.uri("trainer-tests", "encoded")
     encode = ray_cluster.submit(
         ["python", "pipelines/encode_latents.py", "--config", "configs/encode/folder-taef2-minilm.yaml",
