@@ -135,7 +135,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     timed("train", lambda: submit("train", dashboard,
                                   ["trainer/train.py", "--config", str(CONFIGS / "train.yaml"), *train_overrides], logs))
 
-    from trainer.evaluate import resolve_export
+    from trainer.checkpoint import resolve_export
 
     export, _ = resolve_export(checkpoints)
     samples = out / "samples"

@@ -7,11 +7,10 @@ A checkpoint directory holds
     optimizer.json           its param groups and any non-tensor state
     rng.safetensors          every rank's RNG states, keyed `rank<r>.<name>`
     state.json               step, data position, LR schedule, skip counts, the effective config
-and `_COMPLETE.json` (written last by services.storage.publish_dir). `<uri>/latest.json` is rewritten
-only after a directory is complete, so it never names a partial checkpoint; it is a pointer for
-people and tools. Readers (resume, evaluation) follow one rule, `newest_verified`: the newest
-step directory whose files match its `_COMPLETE.json` (sizes and sha256); a newer one that does
-not verify is skipped with a logged reason. Uploads run in a background thread: training stalls
+and `_COMPLETE.json` (written last by services.storage.publish_dir). Every reader (resume, the
+export that generation, evaluation and `init_from` load) follows one rule, `newest_verified`: the
+newest step directory whose files match its `_COMPLETE.json` (sizes and sha256); a newer one that
+does not verify is skipped with a logged reason. Uploads run in a background thread: training stalls
 only for the local write (and for a previous upload still running when the next checkpoint is due).
 """
 
@@ -33,11 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services import storage
-from trainer.export import WEIGHTS_FILE
+from trainer.export import CONFIG_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest.json"
 EXPORT_DIR = "export"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
@@ -165,6 +163,29 @@ def load_latest(uri: str, local_dir: str | Path | None = None) -> LoadedCheckpoi
     return checkpoint
 
 
+def resolve_export(uri: str) -> tuple[str, str]:
+    """(export URI, the directory it belongs to) for an export dir, a step_NNNNNNN dir or a checkpoint root.
+
+    A checkpoint root resolves like resume does (`newest_verified`): the newest step whose export
+    matches its marker.
+    """
+    if storage.exists(storage.join(uri, CONFIG_FILE)):
+        return uri, uri
+    if storage.exists(storage.join(uri, EXPORT_DIR, CONFIG_FILE)):
+        return storage.join(uri, EXPORT_DIR), uri
+
+    def verified_export(step_dir: str) -> tuple[str, str]:
+        storage.verify_published_dir(storage.join(step_dir, EXPORT_DIR))
+        return storage.join(step_dir, EXPORT_DIR), step_dir
+
+    resolved = newest_verified(uri, verified_export)
+    if resolved is None:
+        raise FileNotFoundError(f"{uri} holds neither {CONFIG_FILE}, {EXPORT_DIR}/{CONFIG_FILE} nor a complete "
+                                "step_NNNNNNN checkpoint whose export verifies: pass an export dir, a step_NNNNNNN "
+                                "dir or a train job's checkpoint.uri")
+    return resolved
+
+
 class CheckpointPublisher:
     """Writes checkpoints locally and uploads them in a background thread, one at a time, keeping the last K."""
 
@@ -203,7 +224,6 @@ class CheckpointPublisher:
         target = storage.join(self.uri, step_dir_name(step))
         try:
             storage.publish_dir(staging, target)
-            storage.write_json(storage.join(self.uri, LATEST), {"step": step, "path": step_dir_name(step)})
             self.prune()
             self.last_upload_seconds = time.perf_counter() - started
             logger.info("published checkpoint %s in %.2f s", target, self.last_upload_seconds)

@@ -35,7 +35,7 @@ from pipelines.local_loop import LocalEncoder, run_local
 from pipelines.preprocess import PreprocessConfig
 from pipelines.sources.base import InputUnit, RawSample
 from services.cache.manifest import list_progress, read_manifest, read_plan, read_progress, shard_uris
-from services.cache.reader import SkipCounter, cache_dataset
+from services.cache.reader import SkipCounter, read_samples
 from services.cache.schema import npy_bytes, npy_view
 from services.config import ConfigError, load_config
 from tests.fixtures.corpora import make_bad_input_corpus, photo_jpeg
@@ -60,8 +60,7 @@ def job_config(root: Path, out: Path, **changes) -> EncodeJobConfig:
 
 
 def cached_samples(out: Path) -> list:
-    return list(cache_dataset(shard_uris(str(out)), shuffle_buffer=0, seed=0, split_by_node=False,
-                              handler=SkipCounter(fail_fast=True)))  # fmt: skip
+    return list(read_samples(shard_uris(str(out)), SkipCounter(fail_fast=True)))
 
 
 @pytest.fixture
