@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import numpy as np  # noqa: E402
+
 from pipelines.demo.corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, digit_caption  # noqa: E402
 
 CONFIGS = REPO_ROOT / "configs" / "demo"
@@ -81,11 +83,11 @@ def submit(stage: str, dashboard: str, job_argv: list[str], log_dir: Path) -> st
     return run_logged(stage, [str(ray), "job", "submit", "--address", dashboard, "--", "python", *job_argv], log_dir)
 
 
-def sample_grid(paths: list[Path], out: Path, rows: int, margin: int = 4, scale: int = 2) -> Path:
-    """The generated images as a white-spaced grid, one row per digit (generate.py's grid has no gaps)."""
+def sample_grid(images: np.ndarray, out: Path, rows: int, margin: int = 4, scale: int = 2) -> Path:
+    """(N, H, W, 3) uint8 images as a white-spaced grid, one row per digit (generation's grid.png has no gaps)."""
     from PIL import Image
 
-    tiles = [Image.open(path).convert("RGB") for path in paths]
+    tiles = [Image.fromarray(image) for image in images]
     tile_w, tile_h = tiles[0].width * scale, tiles[0].height * scale
     cols = -(-len(tiles) // rows)
     grid = Image.new("RGB", (cols * (tile_w + margin) + margin, rows * (tile_h + margin) + margin), "white")
@@ -141,13 +143,17 @@ def run_demo(args: argparse.Namespace) -> dict:
     samples = out / "samples"
     shutil.rmtree(samples, ignore_errors=True)
     prompts = [digit_caption(digit) for digit in range(10) for _ in range(SAMPLES_PER_DIGIT)]
-    generate_argv = [sys.executable, "trainer/generate.py", "--checkpoint", export, "--out", str(samples),
-                     "--steps", "20", "--cfg", str(args.cfg), "--batch-size", "100", "--seed", "0"]
-    for prompt in prompts:
-        generate_argv += ["--prompt", prompt]
-    timed("generate", lambda: run_logged("generate", generate_argv, logs))
-    images = sorted(samples.glob("[0-9][0-9][0-9][0-9]_*.png"))
-    grid = sample_grid(images, out / "digits_grid.png", rows=10)
+
+    def generate() -> np.ndarray:
+        from trainer.generation import generate_images, load_export, to_uint8, write_images
+        from trainer.samplers import SamplerSettings
+
+        images = generate_images(load_export(export), prompts,
+                                 SamplerSettings(steps=20, cfg=args.cfg, batch_size=100, seed=0))
+        write_images(str(samples), prompts, images)
+        return to_uint8(images)
+
+    grid = sample_grid(timed("generate", generate), out / "digits_grid.png", rows=10)
 
     eval_output = timed("evaluate", lambda: submit(
         "evaluate", dashboard,
