@@ -20,7 +20,7 @@ from services.cache import reader
 from services.cache.schema import CacheFormatError, decode_sample
 from services.cache.tar_members import MAX_MEMBER_SIZE, TarFormatError, TarMembers, TarStream
 from tests.fixtures.tar_mutations import header_offsets, mutated_archives
-from tests.trainer.tiny_cache import write_reference_shard
+from tests.trainer.reference_shards import write_reference_shard
 
 FUZZ_EXAMPLES = 300
 SLOW_FUZZ_EXAMPLES = 3000

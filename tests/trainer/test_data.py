@@ -12,7 +12,7 @@ from webdataset import TarWriter
 from pipelines.demo.synthetic_cache import TEXT_DIM, class_sample, write_tiny_cache
 from services.cache.reader import CorruptCacheError
 from services.cache.schema import encode_sample
-from tests.trainer.tiny_cache import write_reference_shard
+from tests.trainer.reference_shards import write_reference_shard
 from trainer.data import (
     PLACEHOLDER_KEY,
     DataPosition,
