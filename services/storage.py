@@ -603,19 +603,6 @@ def _relative_files(local_dir: Path) -> list[str]:
     return sorted(item.relative_to(local_dir).as_posix() for item in local_dir.rglob("*") if item.is_file())
 
 
-def upload_dir(local_dir: str | Path, uri: str, config: StorageConfig | None = None) -> list[str]:
-    """Upload every file below `local_dir` to the same relative keys under `uri`; returns their URIs."""
-    local_dir = Path(local_dir)
-    if not local_dir.is_dir():
-        raise StorageError(f"cannot upload {local_dir} to {uri}: {local_dir} is not a directory")
-    uploaded = []
-    for relative in _relative_files(local_dir):
-        target = join(uri, relative)
-        upload_file(local_dir / relative, target, config)
-        uploaded.append(target)
-    return uploaded
-
-
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -136,7 +136,8 @@ def test_finet2i_streams_tars_from_s3_listed_by_glob(tmp_path, s3_server):
     make_finet2i_tar(tmp_path / "train-000000.tar", finet2i_records(PHOTOS[:2]))
     make_finet2i_tar(tmp_path / "train-000001.tar", finet2i_records(PHOTOS[2:3], first_id=2))
     prefix = s3_server.uri("sources", "synthetic_x")
-    storage.upload_dir(tmp_path, prefix)
+    for name in ("train-000000.tar", "train-000001.tar"):
+        storage.upload_file(tmp_path / name, storage.join(prefix, name))
 
     source = build_source(FineT2IConfig(uris=[f"{prefix}/train-*.tar"], caption_field="txt"))
 

@@ -67,17 +67,6 @@ def test_local_write_replaces_atomically_and_leaves_no_temp_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["obj.bin"]
 
 
-def test_upload_dir_keeps_relative_paths(tmp_path):
-    source = tmp_path / "src"
-    (source / "a" / "b").mkdir(parents=True)
-    (source / "a" / "b" / "c.txt").write_text("deep")
-    (source / "top.txt").write_text("top")
-    uploaded = storage.upload_dir(source, f"file://{tmp_path}/remote")
-    assert uploaded == [f"file://{tmp_path}/remote/a/b/c.txt", f"file://{tmp_path}/remote/top.txt"]
-
-    assert storage.read_bytes(f"file://{tmp_path}/remote/a/b/c.txt") == b"deep"
-
-
 def test_publish_writes_a_marker_listing_sizes_and_sha256_of_every_file(tmp_path):
     source = tmp_path / "ckpt"
     source.mkdir()
