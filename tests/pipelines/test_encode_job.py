@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 
+from pipelines.demo.photos import write_photo_folder
 from pipelines.encode_latents import SUMMARY_PREFIX
 from pipelines.preprocess import PreprocessConfig, prepare_image
 from services import storage
@@ -32,7 +33,6 @@ from tests.fixtures.corpora import (
     make_finet2i_tar,
     make_laion_parquet,
     photo_jpeg,
-    write_photo_folder,
 )
 from tests.fixtures.ray_cluster import new_submission_id
 

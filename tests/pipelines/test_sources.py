@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from pipelines.demo.photos import write_photo_folder
 from pipelines.preprocess import PreprocessConfig
 from pipelines.sources import (
     ClassFolderConfig,
@@ -30,7 +31,6 @@ from tests.fixtures.corpora import (
     make_finet2i_tar,
     make_laion_parquet,
     reasons_by_key,
-    write_photo_folder,
 )
 
 PREPROCESS = PreprocessConfig(resolution=64, multiple_of=32)
