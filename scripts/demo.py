@@ -2,7 +2,7 @@
 
     hybriddit exec -- .venv/bin/python scripts/demo.py [--out out/demo] [--train-steps N]
 
-Builds the demo corpus from data shipped in installed packages (pipelines/demo_corpus.py), submits
+Builds the demo corpus from data shipped in installed packages (pipelines/demo/corpus.py), submits
 the encode job twice (training folder, held-out digits) and the train job with `ray job submit`,
 generates ten images of each digit from the final checkpoint, submits the evaluation job, and prints
 where the cache, checkpoints, sample grid and report are, the dashboard URL and each stage's time.
@@ -26,7 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipelines.demo_corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, digit_caption  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipelines.demo.corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, digit_caption  # noqa: E402
 
 CONFIGS = REPO_ROOT / "configs" / "demo"
 SUMMARY_FILE = "demo_summary.json"
@@ -100,11 +102,11 @@ def submit(stage: str, dashboard: str, job_argv: list[str], log_dir: Path) -> st
     return output
 
 
-def sample_grid(paths: list[Path], out: Path, rows: int, margin: int = 4, scale: int = 2) -> Path:
-    """The generated images as a white-spaced grid, one row per digit (generate.py's grid has no gaps)."""
+def sample_grid(images: np.ndarray, out: Path, rows: int, margin: int = 4, scale: int = 2) -> Path:
+    """(N, H, W, 3) uint8 images as a white-spaced grid, one row per digit (generation's grid.png has no gaps)."""
     from PIL import Image
 
-    tiles = [Image.open(path).convert("RGB") for path in paths]
+    tiles = [Image.fromarray(image) for image in images]
     tile_w, tile_h = tiles[0].width * scale, tiles[0].height * scale
     cols = -(-len(tiles) // rows)
     grid = Image.new("RGB", (cols * (tile_w + margin) + margin, rows * (tile_h + margin) + margin), "white")
@@ -154,19 +156,23 @@ def run_demo(args: argparse.Namespace) -> dict:
     timed("train", lambda: submit("train", dashboard,
                                   ["trainer/train.py", "--config", str(CONFIGS / "train.yaml"), *train_overrides], logs))
 
-    from trainer.evaluate import resolve_export
+    from trainer.checkpoint import resolve_export
 
     export, _ = resolve_export(checkpoints)
     samples = out / "samples"
     shutil.rmtree(samples, ignore_errors=True)
     prompts = [digit_caption(digit) for digit in range(10) for _ in range(SAMPLES_PER_DIGIT)]
-    generate_argv = [sys.executable, "trainer/generate.py", "--checkpoint", export, "--out", str(samples),
-                     "--steps", "20", "--cfg", str(args.cfg), "--batch-size", "100", "--seed", "0"]
-    for prompt in prompts:
-        generate_argv += ["--prompt", prompt]
-    timed("generate", lambda: run_logged("generate", generate_argv, logs))
-    images = sorted(samples.glob("[0-9][0-9][0-9][0-9]_*.png"))
-    grid = sample_grid(images, out / "digits_grid.png", rows=10)
+
+    def generate() -> np.ndarray:
+        from trainer.generation import generate_images, load_export, to_uint8, write_images
+        from trainer.samplers import SamplerSettings
+
+        images = generate_images(load_export(export), prompts,
+                                 SamplerSettings(steps=20, cfg=args.cfg, batch_size=100, seed=0))
+        write_images(str(samples), prompts, images)
+        return to_uint8(images)
+
+    grid = sample_grid(timed("generate", generate), out / "digits_grid.png", rows=10)
 
     eval_output = timed("evaluate", lambda: submit(
         "evaluate", dashboard,

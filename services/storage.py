@@ -603,35 +603,6 @@ def _relative_files(local_dir: Path) -> list[str]:
     return sorted(item.relative_to(local_dir).as_posix() for item in local_dir.rglob("*") if item.is_file())
 
 
-def upload_dir(local_dir: str | Path, uri: str, config: StorageConfig | None = None) -> list[str]:
-    """Upload every file below `local_dir` to the same relative keys under `uri`; returns their URIs."""
-    local_dir = Path(local_dir)
-    if not local_dir.is_dir():
-        raise StorageError(f"cannot upload {local_dir} to {uri}: {local_dir} is not a directory")
-    uploaded = []
-    for relative in _relative_files(local_dir):
-        target = join(uri, relative)
-        upload_file(local_dir / relative, target, config)
-        uploaded.append(target)
-    return uploaded
-
-
-def download_dir(uri: str, local_dir: str | Path, config: StorageConfig | None = None) -> list[Path]:
-    """Download every object below `uri` into `local_dir`, keeping relative paths; returns the files."""
-    fs, root = filesystem(uri, config)
-    protocol, _ = split_uri(uri)
-    paths = retry_transient(lambda: _find_files(fs, root), uri, "list", config)
-    if not paths:
-        raise StorageNotFoundError(f"cannot download {uri}: there is nothing under it")
-    written = []
-    for path in sorted(paths):
-        relative = path[len(root):].lstrip("/")
-        target = Path(local_dir, relative)
-        download_file(_uri_like(uri, protocol, path), target, config)
-        written.append(target)
-    return written
-
-
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -801,19 +772,3 @@ def download_published_dir(uri: str, local_dir: str | Path, config: StorageConfi
         _fetch_listed(uri, entry, lambda file_uri, target=target: download_file(file_uri, target, config))
         _check_entry(uri, entry, target.stat().st_size, _sha256_of(target))
     return marker
-
-
-# --------------------------------------------------------------------------- webdataset
-
-
-def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
-    """webdataset opener: s3fs file objects (a written shard appears when the writer closes it)."""
-    fs, path = filesystem(url)
-    return retry_transient(lambda: fs.open(path, mode), url, "open", None)
-
-
-def register_webdataset_s3() -> None:
-    """Let `wds.WebDataset("s3://...")` and `wds.ShardWriter("s3://...")` go through this module."""
-    import webdataset
-
-    webdataset.gopen_schemes["s3"] = _gopen_s3

@@ -7,11 +7,10 @@ A checkpoint directory holds
     optimizer.json           its param groups and any non-tensor state
     rng.safetensors          every rank's RNG states, keyed `rank<r>.<name>`
     state.json               step, data position, LR schedule, skip counts, the effective config
-and `_COMPLETE.json` (written last by services.storage.publish_dir). `<uri>/latest.json` is rewritten
-only after a directory is complete, so it never names a partial checkpoint; it is a pointer for
-people and tools. Readers (resume, evaluation) follow one rule, `newest_verified`: the newest
-step directory whose files match its `_COMPLETE.json` (sizes and sha256); a newer one that does
-not verify is skipped with a logged reason. Uploads run in a background thread: training stalls
+and `_COMPLETE.json` (written last by services.storage.publish_dir). Every reader (resume, the
+export that generation, evaluation and `init_from` load) follows one rule, `newest_verified`: the
+newest step directory whose files match its `_COMPLETE.json` (sizes and sha256); a newer one that
+does not verify is skipped with a logged reason. Uploads run in a background thread: training stalls
 only for the local write (and for a previous upload still running when the next checkpoint is due).
 """
 
@@ -33,11 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services import storage
-from trainer.export import WEIGHTS_FILE
+from trainer.export import CONFIG_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest.json"
 EXPORT_DIR = "export"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
@@ -76,7 +74,7 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, 
 
 
 @dataclass
-class Checkpoint:
+class LoadedCheckpoint:
     """A checkpoint read back: tensors on the CPU and the JSON state."""
 
     uri: str
@@ -105,8 +103,8 @@ def write_checkpoint_dir(directory: Path, *, model: dict[str, torch.Tensor], opt
     write_export(directory / EXPORT_DIR)
 
 
-def read_checkpoint_dir(directory: Path, uri: str) -> Checkpoint:
-    return Checkpoint(
+def read_checkpoint_dir(directory: Path, uri: str) -> LoadedCheckpoint:
+    return LoadedCheckpoint(
         uri=uri,
         model=load_file(directory / "model.safetensors"),
         ema=load_file(directory / EXPORT_DIR / WEIGHTS_FILE),
@@ -151,10 +149,10 @@ def newest_verified(uri: str, verify: Callable[[str], T]) -> T | None:
     return None
 
 
-def load_latest(uri: str, local_dir: str | Path | None = None) -> Checkpoint | None:
+def load_latest(uri: str, local_dir: str | Path | None = None) -> LoadedCheckpoint | None:
     """The newest checkpoint under `uri` whose files match its completion marker (see `newest_verified`), or None."""
 
-    def download(checkpoint_uri: str) -> Checkpoint:
+    def download(checkpoint_uri: str) -> LoadedCheckpoint:
         with tempfile.TemporaryDirectory(prefix="hybriddit-resume-", dir=local_dir) as scratch:
             storage.download_published_dir(checkpoint_uri, scratch)
             return read_checkpoint_dir(Path(scratch), checkpoint_uri)
@@ -163,6 +161,29 @@ def load_latest(uri: str, local_dir: str | Path | None = None) -> Checkpoint | N
     if checkpoint is not None:
         logger.info("loaded checkpoint %s (step %d)", checkpoint.uri, checkpoint.step)
     return checkpoint
+
+
+def resolve_export(uri: str) -> tuple[str, str]:
+    """(export URI, the directory it belongs to) for an export dir, a step_NNNNNNN dir or a checkpoint root.
+
+    A checkpoint root resolves like resume does (`newest_verified`): the newest step whose export
+    matches its marker.
+    """
+    if storage.exists(storage.join(uri, CONFIG_FILE)):
+        return uri, uri
+    if storage.exists(storage.join(uri, EXPORT_DIR, CONFIG_FILE)):
+        return storage.join(uri, EXPORT_DIR), uri
+
+    def verified_export(step_dir: str) -> tuple[str, str]:
+        storage.verify_published_dir(storage.join(step_dir, EXPORT_DIR))
+        return storage.join(step_dir, EXPORT_DIR), step_dir
+
+    resolved = newest_verified(uri, verified_export)
+    if resolved is None:
+        raise FileNotFoundError(f"{uri} holds neither {CONFIG_FILE}, {EXPORT_DIR}/{CONFIG_FILE} nor a complete "
+                                "step_NNNNNNN checkpoint whose export verifies: pass an export dir, a step_NNNNNNN "
+                                "dir or a train job's checkpoint.uri")
+    return resolved
 
 
 class CheckpointPublisher:
@@ -203,7 +224,6 @@ class CheckpointPublisher:
         target = storage.join(self.uri, step_dir_name(step))
         try:
             storage.publish_dir(staging, target)
-            storage.write_json(storage.join(self.uri, LATEST), {"step": step, "path": step_dir_name(step)})
             self.prune()
             self.last_upload_seconds = time.perf_counter() - started
             logger.info("published checkpoint %s in %.2f s", target, self.last_upload_seconds)

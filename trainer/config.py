@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from services.config import StrictModel
 from trainer.flow_matching import TimestepSampling
+from trainer.samplers import SamplerSettings
 
 Precision = Literal["fp32", "bf16", "fp8"]
 
@@ -57,7 +58,7 @@ class EMAConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
-    """Where checkpoints go (`<uri>/step_NNNNNNN/` + `latest.json`) and how often."""
+    """Where checkpoints go (`<uri>/step_NNNNNNN/`) and how often."""
 
     uri: str
     every_steps: int = Field(1000, ge=1)
@@ -86,22 +87,18 @@ class ValidationConfig(StrictModel):
         return self
 
 
-class SamplesConfig(StrictModel):
+class SamplesConfig(SamplerSettings):
     """A grid of images from fixed prompts every N steps, uploaded next to the checkpoints."""
 
     prompts: list[str] = Field(default_factory=list)
     every_steps: int = Field(1000, ge=1)
-    steps: int = Field(20, ge=1)
-    cfg: float = Field(3.5, ge=0)
-    sampler: Literal["euler", "heun", "rk4"] = "heun"
-    seed: int = 0
 
     @property
     def enabled(self) -> bool:
         return bool(self.prompts)
 
 
-class ScalingConfig(StrictModel):
+class WorkerScaling(StrictModel):
     """Ray Train workers: one DDP rank each."""
 
     num_workers: int = Field(1, ge=1)
@@ -126,8 +123,11 @@ class TrainJobConfig(StrictModel):
     cfg_dropout: float = Field(0.1, ge=0, le=1)
     timesteps: TimestepSampling = TimestepSampling()
     teacher: str | None = Field(
-        None, description="LiT-style distillation: export dir/URI (model.safetensors + model_config.json) of a teacher"
-    )
+        None, description="LiT-style distillation: the export of a teacher (an export dir, a step dir or a "
+        "checkpoint root, local or s3://)")
+    init_from: str | None = Field(
+        None, description="LiT weight inheritance: start from a trained model's weights (an export dir, a step dir "
+        "or a checkpoint root), every tensor whose name and shape match except the attention")
     distill_lambda: float = Field(1.0, ge=0, description="weight of the MSE to the teacher's velocity")
     max_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
@@ -136,7 +136,7 @@ class TrainJobConfig(StrictModel):
     checkpoint: CheckpointConfig
     validation: ValidationConfig = ValidationConfig()
     samples: SamplesConfig = SamplesConfig()
-    scaling: ScalingConfig = ScalingConfig()
+    scaling: WorkerScaling = WorkerScaling()
     ray_storage_path: str | None = Field(None, description="Ray Train's run directory; None = Ray's default")
 
     @model_validator(mode="after")

@@ -114,8 +114,7 @@ def _index_bare_shard(uri: str, fail_on_corrupt: bool) -> ShardEntry | None:
     """Count a shard without a manifest (reference layout) by reading it once; None if it holds nothing readable."""
     first: CacheSample | None = None
     count = 0
-    for sample in reader.cache_dataset([uri], shuffle_buffer=0, seed=0, split_by_node=False,
-                                       handler=reader.SkipCounter(fail_fast=fail_on_corrupt)):
+    for sample in reader.read_samples([uri], reader.SkipCounter(fail_fast=fail_on_corrupt)):
         first = first or sample
         count = sample.position[1] + 1
     if first is None:

@@ -5,7 +5,7 @@
 
 Reads N held-out samples of a latent cache (decoded with the cache's codec: the reference images) and
 generates one image per reference caption with `trainer/generate.py` (in this process, or split into
-Ray tasks for large N). FID/KID compare the two sets in a pluggable feature space (`eval_features`);
+Ray tasks for large N). FID/KID compare the two sets in a pluggable feature space (`trainer/evaluation/features.py`);
 CLIP score needs local CLIP weights; with `features: digits` the digit classifier fitted on the
 reference also reports how often a generated image shows the digit its prompt asked for. The report
 is written as `eval.json` next to the checkpoint.
@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,21 +31,18 @@ import torch  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from services.config import StrictModel  # noqa: E402
+from trainer.samplers import SamplerSettings  # noqa: E402
 
 logger = logging.getLogger("trainer.evaluate")
 
 REPORT_FILE = "eval.json"
 
 
-class GenerationSettings(StrictModel):
-    """How the evaluated images are sampled (the options of trainer/generate.py)."""
+class GenerationSettings(SamplerSettings):
+    """How the evaluated images are sampled, and where."""
 
-    steps: int = Field(20, ge=1)
-    cfg: float = Field(3.0, ge=0)
-    sampler: Literal["euler", "heun", "rk4"] = "heun"
-    shift: float = Field(1.0, gt=0)
-    seed: int = 0
-    batch_size: int = Field(50, ge=1)
+    cfg: float = Field(3.0, ge=0, description="classifier-free guidance scale (1 = off)")
+    batch_size: int = Field(50, ge=1, description="prompts generated together")
     device: str | None = Field(None, description="cpu, cuda ...; None = cuda if available")
 
 
@@ -80,33 +76,6 @@ class EvalConfig(StrictModel):
 # --------------------------------------------------------------------------- inputs
 
 
-def resolve_export(checkpoint: str) -> tuple[str, str]:
-    """(export URI, directory the report goes in) for an export dir, a step dir or a checkpoint root.
-
-    A checkpoint root resolves like resume does (`checkpoint.newest_verified`): the newest step whose
-    export matches its marker.
-    """
-    from services import storage
-    from trainer.checkpoint import EXPORT_DIR, newest_verified
-    from trainer.export import CONFIG_FILE
-
-    if storage.exists(storage.join(checkpoint, CONFIG_FILE)):
-        return checkpoint, checkpoint
-    if storage.exists(storage.join(checkpoint, EXPORT_DIR, CONFIG_FILE)):
-        return storage.join(checkpoint, EXPORT_DIR), checkpoint
-
-    def verified_export(step_dir: str) -> tuple[str, str]:
-        storage.verify_published_dir(storage.join(step_dir, EXPORT_DIR))
-        return storage.join(step_dir, EXPORT_DIR), step_dir
-
-    resolved = newest_verified(checkpoint, verified_export)
-    if resolved is None:
-        raise FileNotFoundError(f"checkpoint {checkpoint} holds neither {CONFIG_FILE}, {EXPORT_DIR}/{CONFIG_FILE} nor "
-                                "a complete step_NNNNNNN checkpoint whose export verifies: pass an export dir, a "
-                                "step_NNNNNNN dir or a train job's checkpoint.uri")
-    return resolved
-
-
 def read_reference(cache_uri: str, num_samples: int) -> tuple[torch.Tensor, list[str]]:
     """The first N samples of a cache decoded to (N, 3, H, W) images in [0, 1], and their captions."""
     from services.cache import manifest, reader
@@ -115,8 +84,7 @@ def read_reference(cache_uri: str, num_samples: int) -> tuple[torch.Tensor, list
     card = manifest.read_manifest(cache_uri)
     codec = build_codec(**card.codec)
     latents, captions = [], []
-    for sample in reader.cache_dataset(manifest.shard_uris(cache_uri), shuffle_buffer=0, seed=0,
-                                       split_by_node=False):
+    for sample in reader.read_samples(manifest.shard_uris(cache_uri)):
         latents.append(torch.from_numpy(sample.latent.astype(np.float32)))
         captions.append(sample.caption)
         if len(captions) == num_samples:
@@ -130,24 +98,14 @@ def read_reference(cache_uri: str, num_samples: int) -> tuple[torch.Tensor, list
     return codec.decode(torch.stack(latents)), captions
 
 
-def generate_images(export_uri: str, prompts: list[str], settings: GenerationSettings, seed: int,
-                    height: int, width: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 images for the prompts, as the PNGs trainer/generate.py writes."""
-    from PIL import Image
+def generate_chunk(export_uri: str, prompts: list[str], settings: GenerationSettings, seed: int,
+                   height: int, width: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 images for the prompts, batch k seeded `seed + its first prompt's index`."""
+    from trainer.generation import generate_images as generate
+    from trainer.generation import load_export, to_uint8
 
-    from trainer.generate import build_parser, generate
-
-    with tempfile.TemporaryDirectory(prefix="hybriddit-eval-") as scratch:
-        prompts_file = Path(scratch, "prompts.txt")
-        prompts_file.write_text("\n".join(prompts) + "\n")
-        argv = ["--checkpoint", export_uri, "--prompts-file", str(prompts_file), "--out", str(Path(scratch, "out")),
-                "--steps", str(settings.steps), "--cfg", str(settings.cfg), "--sampler", settings.sampler,
-                "--shift", str(settings.shift), "--seed", str(seed), "--batch-size", str(settings.batch_size),
-                "--size", f"{width}x{height}"]
-        if settings.device:
-            argv += ["--device", settings.device]
-        paths = generate(build_parser().parse_args(argv))[:-1]  # the grid comes last
-        return np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
+    pipeline = load_export(export_uri, settings.device)
+    return to_uint8(generate(pipeline, prompts, settings.model_copy(update={"seed": seed}), (height, width)))
 
 
 def generate_all(config: EvalConfig, export_uri: str, prompts: list[str], height: int, width: int) -> torch.Tensor:
@@ -162,10 +120,10 @@ def generate_all(config: EvalConfig, export_uri: str, prompts: list[str], height
 
         if not ray.is_initialized():
             ray.init()  # the cluster from RAY_ADDRESS (set by `ray job submit`), else a local one
-        task = ray.remote(generate_images).options(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
+        task = ray.remote(generate_chunk).options(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
         chunks = ray.get([task.remote(*args) for args in arguments])
     else:
-        chunks = [generate_images(*args) for args in arguments]
+        chunks = [generate_chunk(*args) for args in arguments]
     return torch.from_numpy(np.concatenate(chunks)).permute(0, 3, 1, 2).float() / 255
 
 
@@ -183,7 +141,7 @@ def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, kid_subset_size
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from trainer.eval_features import Precomputed
+    from trainer.evaluation.features import Precomputed
 
     identity = Precomputed(real.shape[1])
     fid = FrechetInceptionDistance(feature=identity, normalize=True)
@@ -215,11 +173,12 @@ def clip_score(model: str, images: torch.Tensor, prompts: list[str], batch: int 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run the evaluation and write the report; returns it."""
     from services import storage
-    from trainer.digit_classifier import digit_accuracy
-    from trainer.eval_features import DigitFeatures, build_features, reference_digits
+    from trainer.checkpoint import resolve_export
+    from trainer.evaluation.digit_classifier import digit_accuracy
+    from trainer.evaluation.features import DigitFeatures, build_features, reference_digits
 
     started = time.perf_counter()
-    export_uri, report_dir = resolve_export(config.checkpoint)
+    export_uri, report_dir = resolve_export(config.checkpoint)  # the newest step that verifies, as resume takes
     reference, prompts = read_reference(config.reference_uri, config.num_samples)
     height, width = reference.shape[2:]
     generated = generate_all(config, export_uri, prompts, height, width)

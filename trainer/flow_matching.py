@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -58,6 +59,46 @@ def apply_cfg_dropout(text: torch.Tensor, mask: torch.Tensor, null_text: torch.T
     return text, mask
 
 
+@dataclass
+class NoisedBatch:
+    """One batch on the path: `x_t` at times `t`, the velocity `ε - x0` to regress, and the captions (after CFG dropout)."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+
+
+def noise_batch(x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
+                sampling: TimestepSampling | None = None, null_text: torch.Tensor | None = None,
+                null_mask: torch.Tensor | None = None, cfg_dropout: float = 0.0,
+                generator: torch.Generator | None = None) -> NoisedBatch:
+    """Drop captions for CFG, sample t, mix `x_t = (1-t)·x0 + t·ε`."""
+    sampling = sampling or TimestepSampling()
+    if cfg_dropout > 0:
+        if null_text is None:
+            raise ValueError(f"cfg_dropout={cfg_dropout} needs null_text (the encoder's output for '')")
+        text, text_mask = apply_cfg_dropout(text, text_mask, null_text, null_mask, cfg_dropout, generator)
+    t = sample_timesteps(x0.shape[0], sampling, x0.device, generator)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    t_ = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return NoisedBatch((1 - t_) * x0 + t_ * noise, t, noise - x0, text, text_mask)
+
+
+def velocity_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error (B,), in fp32."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """`Σ w·l / Σ w` (e.g. by aesthetic score, or 0 for a placeholder); the plain mean without weights."""
+    if weights is None:
+        return per_sample.mean()
+    weights = weights.to(per_sample)
+    return (weights * per_sample).sum() / weights.sum().clamp(min=1e-12)
+
+
 def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
                        sampling: TimestepSampling | None = None, null_text: torch.Tensor | None = None,
                        null_mask: torch.Tensor | None = None, cfg_dropout: float = 0.0,
@@ -67,18 +108,8 @@ def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: t
 
     With `weights` (B,) the loss is the weighted mean `Σ w·l / Σ w` (e.g. by aesthetic score).
     """
-    sampling = sampling or TimestepSampling()
-    if cfg_dropout > 0:
-        if null_text is None:
-            raise ValueError(f"cfg_dropout={cfg_dropout} needs null_text (the encoder's output for '')")
-        text, text_mask = apply_cfg_dropout(text, text_mask, null_text, null_mask, cfg_dropout, generator)
-    t = sample_timesteps(x0.shape[0], sampling, x0.device, generator)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    t_ = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    x_t = (1 - t_) * x0 + t_ * noise
-    prediction = model(x_t, t, text, text_mask)
-    per_sample = (prediction.float() - (noise - x0).float()).pow(2).flatten(1).mean(dim=1)
-    if weights is None:
-        return per_sample.mean(), per_sample, t
-    weights = weights.to(per_sample)
-    return (weights * per_sample).sum() / weights.sum().clamp(min=1e-12), per_sample, t
+    noised = noise_batch(x0, text, text_mask, sampling=sampling, null_text=null_text, null_mask=null_mask,
+                         cfg_dropout=cfg_dropout, generator=generator)
+    prediction = model(noised.x_t, noised.t, noised.text, noised.text_mask)
+    per_sample = velocity_mse(prediction, noised.target)
+    return weighted_mean(per_sample, weights), per_sample, noised.t

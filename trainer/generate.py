@@ -1,4 +1,4 @@
-"""Text-to-image with an exported model: encode prompts, integrate the flow with CFG, decode, write PNGs + grid.
+"""Text-to-image from the command line: PNGs + grid.png + generation.json (the work is `trainer.generation`'s).
 
     python trainer/generate.py --checkpoint DIR|s3://... --prompt "a red fox" --out outputs/
 """
@@ -6,17 +6,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import re
 import sys
 from pathlib import Path
 
-import torch
-from torch.nn.utils.rnn import pad_sequence
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python trainer/generate.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
 
-from trainer.samplers import SAMPLERS, classifier_free_guidance, sample, text_velocity
+from services import storage  # noqa: E402
+from trainer.generation import generate_images, load_export, write_images  # noqa: E402
+from trainer.samplers import SAMPLERS, SamplerSettings  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -40,96 +41,36 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def pad_captions(embeddings: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real-token embeddings [(L_i, D)] -> padded (B, L, D) and mask (B, L), True = real token."""
-    lengths = torch.tensor([len(e) for e in embeddings])
-    text = pad_sequence(embeddings, batch_first=True)
-    if text.shape[1] == 0:  # every caption empty: keep one (masked) slot so shapes stay valid
-        text = text.new_zeros(len(embeddings), 1, text.shape[2])
-    mask = torch.arange(text.shape[1])[None, :] < lengths[:, None]
-    return text.to(device), mask.to(device)
-
-
-def file_stem(index: int, prompt: str) -> str:
-    return f"{index:04d}_{re.sub(r'[^A-Za-z0-9]+', '-', prompt).strip('-')[:48] or 'empty'}"
-
-
-def image_grid(images: list):
-    """A near-square grid of the images, the last row filled up with black tiles."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    blank = Image.new("RGB", images[0].size)
-    return make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
-
-
-def generate(args: argparse.Namespace) -> list[Path]:
-    """Run the whole pipeline for parsed arguments; returns the PNG paths (grid last)."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    from services.encoders import CodecError, build_codec, build_text_encoder
-    from trainer.export import load_exported_model
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, exported = load_exported_model(args.checkpoint, device)
-    codec = build_codec(**{**exported.codec, "device": device})
-    if not codec.spec.has_decoder:
-        raise CodecError(f"checkpoint {args.checkpoint} was trained on codec {codec.spec.name!r}, which has no "
-                         f"decoder; {codec.decoder_alternative or 'retrain or export with a codec that decodes'}")
-    text_encoder = build_text_encoder(**{**exported.text_encoder, "device": device})
-    if text_encoder.spec.dim != model.config.text_dim:
-        raise ValueError(f"text encoder {text_encoder.spec.name!r} gives {text_encoder.spec.dim}-d tokens, "
-                         f"the model at {args.checkpoint} expects {model.config.text_dim}")
-    height, width = args.size or (model.config.latent_size * codec.spec.downscale,) * 2
-    factor = codec.spec.downscale * model.config.patch_size
-    if height % factor or width % factor:
-        raise ValueError(f"--size {width}x{height} must be a multiple of {factor} (codec downscale x patch size)")
-    shape = (model.config.latent_channels, height // codec.spec.downscale, width // codec.spec.downscale)
-
+def run(args: argparse.Namespace) -> list[str]:
+    """Generate the prompts of parsed arguments and write them; returns the PNGs' paths (grid last)."""
     prompts = read_prompts(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    null_text, null_mask = pad_captions(text_encoder.encode([""]), device)
-    # bf16 autocast on CUDA; the CPU path stays fp32 (bf16 matmuls are far slower there)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    paths, images = [], []
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start:start + args.batch_size]
-        text, mask = pad_captions(text_encoder.encode(batch), device)
-        unconditional = text_velocity(model, null_text.expand(len(batch), -1, -1), null_mask.expand(len(batch), -1))
-        velocity = classifier_free_guidance(text_velocity(model, text, mask), unconditional, args.cfg)
-        with torch.no_grad(), autocast:
-            latents = sample(velocity, (len(batch), *shape), sampler=args.sampler, steps=args.steps,
-                             shift=args.shift, seed=args.seed + start, device=device)
-        decoded = VaeImageProcessor.pt_to_numpy(codec.decode(latents.float()))  # [0, 1], (B, H, W, 3)
-        for offset, image in enumerate(VaeImageProcessor.numpy_to_pil(decoded)):
-            path = out / f"{file_stem(start + offset, batch[offset])}.png"
-            image.save(path)
-            paths.append(path)
-            images.append(image)
-        logger.info("generated %d/%d images", len(paths), len(prompts))
-    grid = image_grid(images)
-    grid.save(out / "grid.png")
-    settings = {key: value for key, value in vars(args).items() if key != "prompts_file"}
-    (out / "generation.json").write_text(json.dumps({**settings, "checkpoint": str(args.checkpoint),
-                                                     "prompts": prompts, "size": [width, height]}, indent=2))
-    return [*paths, out / "grid.png"]
+    settings = SamplerSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift,
+                               seed=args.seed, batch_size=args.batch_size)
+    pipeline = load_export(args.checkpoint, args.device)
+    images = generate_images(pipeline, prompts, settings, args.size)
+    paths = write_images(args.out, prompts, images)
+    height, width = images.shape[2:]
+    storage.write_json(storage.join(args.out, "generation.json"), {
+        **settings.model_dump(), "checkpoint": str(args.checkpoint), "device": str(pipeline.device),
+        "prompts": prompts, "size": [width, height]})
+    return paths
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="export dir or s3:// prefix with model.safetensors")
+    parser.add_argument("--checkpoint", required=True,
+                        help="an export dir, a step_NNNNNNN dir or a checkpoint root (its newest verified step); "
+                             "local or s3://")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for several")
     parser.add_argument("--prompts-file", help="one prompt per line")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=3.5, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="heun")
-    parser.add_argument("--shift", type=float, default=1.0, help="timestep shift of the sampling schedule")
-    parser.add_argument("--seed", type=int, default=0)
+    defaults = SamplerSettings()  # the library's defaults, the one place they are set
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--cfg", type=float, default=defaults.cfg, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=defaults.sampler)
+    parser.add_argument("--shift", type=float, default=defaults.shift, help="timestep shift of the sampling schedule")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--size", type=parse_size, help="pixels, N or WIDTHxHEIGHT (default: training size)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--out", required=True, help="output directory for PNGs, grid.png, generation.json")
     return parser
@@ -141,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        paths = generate(args)
+        paths = run(args)
     except CodecError as exc:
         print(f"generate: {exc}", file=sys.stderr)
         return 2

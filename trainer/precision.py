@@ -26,7 +26,7 @@ def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
 
 
-def resolve_precision(requested: Precision, device: torch.device, allow_fp8_fallback: bool) -> Precision:
+def precision_for_device(requested: Precision, device: torch.device, allow_fp8_fallback: bool) -> Precision:
     """The precision this device will run: refuses bf16/fp8 off CUDA, FP8 below SM 8.9 unless fallback is allowed."""
     if requested == "fp8" and not fp8_supported(device):
         fallback: Precision = "bf16" if device.type == "cuda" else "fp32"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
+from pydantic import Field
 
+from services.config import StrictModel
 from trainer.flow_matching import shift_timesteps
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # velocity(x (B, ...), t (B,)) -> like x
@@ -58,6 +61,17 @@ SAMPLERS: dict[str, Callable[[Velocity, torch.Tensor, torch.Tensor], torch.Tenso
     "heun": heun,
     "rk4": rk4,
 }
+
+
+class SamplerSettings(StrictModel):
+    """How images are sampled: the ODE solver, its steps and time shift, the CFG scale, the seed, the batch."""
+
+    steps: int = Field(20, ge=1)
+    cfg: float = Field(3.5, ge=0, description="classifier-free guidance scale (1 = off)")
+    sampler: Literal["euler", "heun", "rk4"] = "heun"
+    shift: float = Field(1.0, gt=0, description="timestep shift of the sampling schedule")
+    seed: int = 0
+    batch_size: int = Field(4, ge=1, description="prompts generated together")
 
 
 def classifier_free_guidance(velocity_cond: Velocity, velocity_uncond: Velocity, scale: float) -> Velocity:

@@ -1,6 +1,6 @@
 """The train job: `ray job submit -- python trainer/train.py --config configs/train/<name>.yaml [--set k=v]`.
 
-Resolves the cache once on the driver, then runs `trainer.loop.Trainer` on every Ray Train worker
+Resolves the cache once on the driver, then runs `trainer.loop.TrainingRun` on every Ray Train worker
 (DDP over NCCL on GPUs, gloo on CPUs). A resubmitted job resumes from the newest complete checkpoint.
 """
 
@@ -35,11 +35,6 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RE
 def worker_env() -> dict[str, str]:
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     env.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-    from infra.local.netns import only_loopback
-
-    # gloo picks the host's first interface; on a loopback-only node that must be `lo`.
-    if only_loopback():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return env
 
 
@@ -49,7 +44,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     from services.metrics import TrainMetrics
-    from trainer.loop import RankContext, Trainer
+    from trainer.loop import RankContext, TrainingRun
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainJobConfig.model_validate(loop_config["config"])
@@ -63,9 +58,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          values["steps_per_second"], values["samples_per_second"], values["data_wait_fraction"])
         ray.train.report(values)
 
-    trainer = Trainer(config, loop_config["dataset"], RankContext(rank, world_size, ray.train.torch.get_device()),
+    run = TrainingRun(config, loop_config["cache"], RankContext(rank, world_size, ray.train.torch.get_device()),
                       reporter=report, on_checkpoint=metrics.checkpoint_seconds, on_skipped=metrics.samples_skipped)
-    summary = trainer.run()
+    summary = run.run()
     if rank == 0:
         print("TRAIN_SUMMARY " + json.dumps(summary), flush=True)
     if len(set(summary["replica_fingerprints"])) > 1:
@@ -78,24 +73,24 @@ def fit(config: TrainJobConfig):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.loop import resolve_dataset
+    from trainer.inputs import resolve_cache
 
-    dataset = resolve_dataset(config)
-    logger.info("training on %d shards (%d samples), validating on %d shards", len(dataset.train_shards),
-                sum(shard.num_samples for shard in dataset.train_shards), len(dataset.validation_shards))
+    cache = resolve_cache(config)
+    logger.info("training on %d shards (%d samples), validating on %d shards", len(cache.train_shards),
+                sum(shard.num_samples for shard in cache.train_shards), len(cache.validation_shards))
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": worker_env()})
     scaling = config.scaling
-    trainer = TorchTrainer(
+    torch_trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "dataset": dataset},
+        train_loop_config={"config": config.model_dump(mode="json"), "cache": cache},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=scaling.resources_per_worker or None),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=config.run_name, storage_path=config.ray_storage_path,
                              failure_config=FailureConfig(max_failures=scaling.max_failures)),
     )
-    return trainer.fit()
+    return torch_trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> int:

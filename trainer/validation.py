@@ -1,11 +1,12 @@
-"""Held-out loss at a fixed grid of t, and sample grids from fixed prompts, during training."""
+"""What a run checks about its weights: held-out loss at a fixed grid of t, sample grids from fixed prompts, and
+that DDP replicas agree."""
 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from services import storage
 from trainer.config import Precision, SamplesConfig
 from trainer.data import CacheStream, ShardEntry, epoch_plan
+from trainer.generation import TextToImage, build_text_to_image, generate_images, write_images
 from trainer.precision import autocast
 
 logger = logging.getLogger(__name__)
@@ -60,18 +62,40 @@ def validation_loss(model: nn.Module, shards: Sequence[ShardEntry], *, t_grid: S
     return {**per_bin, "val_loss": float(np.mean(list(per_bin.values())))}
 
 
-def publish_sample_grid(export_dir: Path, samples: SamplesConfig, target_uri: str, device: torch.device) -> str:
-    """Generate the fixed prompts with an exported (EMA) model and upload the PNGs + grid; returns the grid URI."""
-    from trainer.generate import build_parser, generate
+class SampleGrids:
+    """Images of the fixed prompts from the EMA weights, written under `<target>/step_NNNNNNN/` (rank 0 only).
 
-    with tempfile.TemporaryDirectory(prefix="hybriddit-samples-") as out:
-        argv = ["--checkpoint", str(export_dir), "--out", out, "--steps", str(samples.steps),
-                "--cfg", str(samples.cfg), "--sampler", samples.sampler, "--seed", str(samples.seed),
-                "--device", str(device)]
-        for prompt in samples.prompts:
-            argv += ["--prompt", prompt]
-        generate(build_parser().parse_args(argv))
-        storage.upload_dir(out, target_uri)
-    grid_uri = storage.join(target_uri, "grid.png")
-    logger.info("uploaded sample grid %s", grid_uri)
-    return grid_uri
+    The codec and text encoder the cache was encoded with are built once, on the first grid.
+    """
+
+    def __init__(self, settings: SamplesConfig, codec: dict[str, Any], text_encoder: dict[str, Any],
+                 target_uri: str, device: torch.device) -> None:
+        self.settings = settings
+        self.codec, self.text_encoder = codec, text_encoder
+        self.target_uri = target_uri
+        self.device = device
+        self._encoders: TextToImage | None = None
+
+    def publish(self, model: nn.Module, step_dir: str) -> str:
+        """Generate the prompts with `model` and write the PNGs and grid; returns the grid's URI."""
+        if self._encoders is None:
+            self._encoders = build_text_to_image(model, self.codec, self.text_encoder, self.device, "the training run")
+        pipeline = replace(self._encoders, model=model)
+        images = generate_images(pipeline, self.settings.prompts, self.settings)
+        grid_uri = write_images(storage.join(self.target_uri, step_dir), self.settings.prompts, images)[-1]
+        logger.info("wrote sample grid %s", grid_uri)
+        return grid_uri
+
+
+@torch.no_grad()
+def replica_fingerprints(model: nn.Module, world_size: int, device: torch.device) -> list[float]:
+    """One number per rank summarising its weights (a position-weighted sum): equal when DDP ranks are in sync."""
+    fingerprint = torch.zeros(1, dtype=torch.float64, device=device)
+    for index, param in enumerate(model.parameters()):
+        weights = torch.linspace(1.0, 2.0, param.numel(), dtype=torch.float64, device=param.device)
+        fingerprint += (param.detach().double().flatten() * weights).sum() * (index + 1)
+    if world_size == 1:
+        return [float(fingerprint)]
+    gathered = [torch.zeros_like(fingerprint) for _ in range(world_size)]
+    dist.all_gather(gathered, fingerprint)
+    return [float(value) for value in gathered]

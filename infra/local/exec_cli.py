@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from infra.local.netns import loopback_command
+from infra.local.netns import loopback_command, set_loopback_env
 from infra.local.stack import LocalStack
 
 
@@ -18,5 +18,6 @@ def run(args: argparse.Namespace) -> int:
     if not cmd:
         raise SystemExit("hybriddit exec: give a command after `--`, e.g. hybriddit exec -- ray status")
     os.environ.update(LocalStack.from_env().client_env(missing_ok=True))
+    set_loopback_env()
     argv = loopback_command(cmd)
     os.execvp(argv[0], argv)

@@ -60,8 +60,18 @@ def loopback_command(argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", NAMESPACE, *argv]
 
 
+def set_loopback_env() -> None:
+    """On loopback only, point gloo (CPU DDP) at `lo`: it picks the host's first interface otherwise.
+
+    The jobs forward the variable to their workers, so they never need to know about this namespace.
+    """
+    if wants_private_namespace() or only_loopback():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 def reexec_on_loopback() -> None:
     """Replace this process by itself inside the namespace, unless it already is on loopback only."""
+    set_loopback_env()
     if wants_private_namespace():
         argv = loopback_command([sys.executable, *sys.argv])
         os.execvp(argv[0], argv)
@@ -72,5 +82,6 @@ if __name__ == "__main__":
     command = sys.argv[1:]
     if not command:
         raise SystemExit("usage: python -m infra.local.netns CMD [ARG ...]")
+    set_loopback_env()
     full = loopback_command(command)
     os.execvp(full[0], full)

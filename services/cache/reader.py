@@ -1,17 +1,15 @@
-"""Streams `CacheSample`s from cache shards with WebDataset, and batches them for the train job."""
+"""Reads cache shards (whole, checked against the manifest), decodes their samples, and pads them into batches."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
-from functools import partial
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from webdataset.tariterators import group_by_keys
 
 from services import storage
@@ -39,29 +37,6 @@ class SkipCounter:
             raise CorruptCacheError(f"{where}: {reason}: {error}") from error
         self.counts[reason] += 1
         logger.warning("skipped %s (%s): %s", where, reason, error)
-
-
-def shard_order(num_shards: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """The epoch's shard order: a permutation seeded by (seed, epoch), or the listed order."""
-    if not shuffle:
-        return list(range(num_shards))
-    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_shards)]
-
-
-class _ShardList(torch.utils.data.IterableDataset):
-    """The shards this rank and DataLoader worker read this epoch, as `(shard index, uri)`."""
-
-    def __init__(self, uris: Sequence[str], order: list[int], split_by_node: bool) -> None:
-        super().__init__()
-        self.uris = list(uris)
-        self.order = order
-        self.split_by_node = split_by_node
-
-    def __iter__(self) -> Iterator[tuple[int, str]]:
-        rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
-        order = self.order[rank::world_size] if self.split_by_node else self.order
-        for shard_index in order[worker::num_workers]:
-            yield shard_index, self.uris[shard_index]
 
 
 def checksum_problem(data: bytes | memoryview, num_bytes: int, sha256: str) -> str | None:
@@ -108,9 +83,14 @@ def read_shard(uri: str, handler: SkipCounter, *, num_bytes: int | None = None,
         handler("unreadable_shard", uri, error)
 
 
-def _read_shards(shards: Iterator[tuple[int, str]], handler: SkipCounter) -> Iterator[CacheSample]:
-    """Every decodable sample of each shard, tagged with (shard index, sample index in the shard)."""
-    for shard_index, uri in shards:
+def read_samples(shard_uris: Sequence[str], handler: SkipCounter | None = None) -> Iterator[CacheSample]:
+    """Every decodable sample of each shard, in listed order, tagged with (shard index, sample index in the shard).
+
+    For reading a cache front to back (indexing bare shards, the evaluation's reference images); the
+    train job reads through its epoch plan (`trainer.data`), with the same `read_shard` and `decode_sample`.
+    """
+    handler = handler or SkipCounter()
+    for shard_index, uri in enumerate(shard_uris):
         for sample_index, raw in read_shard(uri, handler):
             try:
                 sample = decode_sample(raw)
@@ -121,62 +101,32 @@ def _read_shards(shards: Iterator[tuple[int, str]], handler: SkipCounter) -> Ite
             yield sample
 
 
-def cache_dataset(
-    shard_uris: Sequence[str],
-    *,
-    shuffle_buffer: int,
-    seed: int,
-    split_by_node: bool,
-    handler: SkipCounter | None = None,
-    epoch: int = 0,
-    skip_shards: Collection[int] = (),
-) -> wds.DataPipeline:
-    """One epoch of `CacheSample`s over `shard_uris` (local paths, file:// or s3:// via services.storage).
+def pad_text(texts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Real-token texts [(L_i, D)] -> zero-padded (B, Lmax, D) float32 and its mask (B, Lmax), True = real token.
 
-    Shards are read in `shard_order(seed, epoch)`, split over ranks when `split_by_node` (ranks from
-    torch.distributed or RANK/WORLD_SIZE) and over DataLoader workers, then samples pass through a
-    seeded shuffle buffer. `shuffle_buffer=0` reads shards and samples in listed order. Each sample
-    carries `position = (shard index, sample index)` so the train job can record where it is and
-    resume by passing the finished shard indices as `skip_shards`. Build one pipeline per epoch.
+    When every text is empty one masked slot is kept, so that the shapes stay valid for attention.
     """
-    if shuffle_buffer < 0:
-        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-    if not shard_uris:
-        raise ValueError("cache_dataset needs at least one shard URI (is the bucket empty?)")
-    handler = handler or SkipCounter()
-    skipped = set(skip_shards)
-    order = [
-        i
-        for i in shard_order(len(shard_uris), seed=seed, epoch=epoch, shuffle=shuffle_buffer > 0)
-        if i not in skipped
-    ]
-    stages: list[Any] = [
-        _ShardList(shard_uris, order, split_by_node),
-        partial(_read_shards, handler=handler),  # a partial, not a lambda: spawn workers pickle the pipeline
-    ]
-    if shuffle_buffer > 0:
-        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed * 1_000_003 + epoch))
-    return wds.DataPipeline(*stages)
+    dims = {text.shape[1] for text in texts}
+    if len(dims) > 1:
+        raise ValueError(f"batch mixes text dims {sorted(dims)}: samples come from different text encoders")
+    max_len = max(1, *(len(text) for text in texts))
+    # Filled in numpy, then shared with torch: several times faster than per-row tensor copies on CPU.
+    padded = np.zeros((len(texts), max_len, dims.pop()), dtype=np.float32)
+    mask = np.zeros((len(texts), max_len), dtype=bool)
+    for row, text in enumerate(texts):
+        padded[row, : len(text)] = text
+        mask[row, : len(text)] = True
+    return padded, mask
 
 
-def collate(samples: Sequence[CacheSample], *, pad_to_multiple: int = 1) -> dict[str, Any]:
+def collate(samples: Sequence[CacheSample]) -> dict[str, Any]:
     """A batch of one bucket: latents (B, C, h, w), text zero-padded to (B, Lmax, D) with its bool mask."""
     if not samples:
         raise ValueError("collate got an empty batch")
     shapes = {sample.latent.shape for sample in samples}
     if len(shapes) > 1:
         raise ValueError(f"batch mixes latent shapes {sorted(shapes)}: batch each bucket separately")
-    dims = {sample.text.shape[1] for sample in samples}
-    if len(dims) > 1:
-        raise ValueError(f"batch mixes text dims {sorted(dims)}: samples come from different text encoders")
-    lengths = [sample.text.shape[0] for sample in samples]
-    max_len = -(-max(lengths) // pad_to_multiple) * pad_to_multiple
-    # Filled in numpy, then shared with torch: several times faster than per-row tensor copies on CPU.
-    text = np.zeros((len(samples), max_len, dims.pop()), dtype=np.float32)
-    text_mask = np.zeros((len(samples), max_len), dtype=bool)
-    for row, sample in enumerate(samples):
-        text[row, : len(sample.text)] = sample.text
-        text_mask[row, : len(sample.text)] = True
+    text, text_mask = pad_text([sample.text for sample in samples])
     return {
         "latent": torch.from_numpy(
             np.stack([sample.latent for sample in samples]).astype(np.float32, copy=False)
@@ -190,10 +140,10 @@ def collate(samples: Sequence[CacheSample], *, pad_to_multiple: int = 1) -> dict
     }
 
 
-def load_null_text(out_uri: str) -> np.ndarray:
-    """The text encoder's (L, D) float32 output for the empty prompt, used for CFG dropout."""
-    uri = layout.null_text_uri(out_uri)
+def load_null_text(uri: str) -> np.ndarray:
+    """The text encoder's (L, D) float32 output for the empty prompt, used for CFG dropout, from its .npy at `uri`."""
     try:
         return npy_view(storage.read_bytes(uri), uri).astype(np.float32)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{uri} does not exist: the encode job writes it before any shard") from error
+        raise FileNotFoundError(f"{uri} does not exist: the encode job writes {layout.NULL_TEXT} into a cache "
+                                "before any shard; give data.null_text_uri, or cfg_dropout=0") from error

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from services.cache import layout
 from services.cache.manifest import (
     UnitProgress,
     build_manifest,
@@ -14,7 +15,7 @@ from services.cache.manifest import (
     write_manifest,
     write_progress,
 )
-from services.cache.reader import SkipCounter, cache_dataset, load_null_text
+from services.cache.reader import SkipCounter, load_null_text, read_samples
 from services.cache.schema import CacheSample
 from services.cache.writer import UnitShardWriter, write_null_text
 from services.cli import main
@@ -52,10 +53,8 @@ def test_cache_written_to_s3_streams_back_every_sample_and_reports_status(s3_ser
 
     uris = shard_uris(out, bucket="8x8")
     assert len(uris) == 3 and all(uri.startswith("s3://") for uri in uris)
-    samples = list(
-        cache_dataset(uris, shuffle_buffer=4, seed=1, split_by_node=True, handler=SkipCounter(fail_fast=True))
-    )
+    samples = list(read_samples(uris, SkipCounter(fail_fast=True)))
     assert sorted(s.key for s in samples) == [f"id{i}" for i in range(7)]
-    assert load_null_text(out).shape == (1, 32)
+    assert load_null_text(layout.null_text_uri(out)).shape == (1, 32)
     assert main(["status", out, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 7

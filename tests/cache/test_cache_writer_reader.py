@@ -8,13 +8,14 @@ import pytest
 import torch
 from webdataset import TarWriter
 
+from services.cache import layout
 from services.cache.reader import (
     CorruptCacheError,
     SkipCounter,
-    cache_dataset,
     collate,
     load_null_text,
-    shard_order,
+    pad_text,
+    read_samples,
 )
 from services.cache.schema import encode_sample
 from services.cache.writer import UnitShardWriter, write_null_text
@@ -37,9 +38,8 @@ def shard_files(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in (out / "shards").rglob("*") if p.is_file())
 
 
-def read_all(uris, **kwargs) -> list:
-    kwargs.setdefault("shuffle_buffer", 0)
-    return list(cache_dataset(uris, seed=0, split_by_node=True, **kwargs))
+def read_all(uris, handler: SkipCounter | None = None) -> list:
+    return list(read_samples(uris, handler))
 
 
 def test_writer_puts_each_bucket_in_its_own_numbered_shards(tmp_path, make_sample):
@@ -73,37 +73,6 @@ def test_reader_returns_every_written_sample_with_its_shard_position(tmp_path, m
     expected = make_sample("s6", latent_shape=WIDE, tokens=9, seed=6)
     np.testing.assert_array_equal(s6.latent, expected.latent.astype(np.float16).astype(np.float32))
     assert s6.text.shape == (9, 16) and s6.caption == expected.caption
-
-
-def test_shard_order_is_a_seeded_permutation_that_changes_with_the_epoch():
-    assert shard_order(50, seed=3, epoch=0, shuffle=True) == shard_order(50, seed=3, epoch=0, shuffle=True)
-    assert sorted(shard_order(50, seed=3, epoch=0, shuffle=True)) == list(range(50))
-    assert shard_order(50, seed=3, epoch=0, shuffle=True) != shard_order(50, seed=3, epoch=1, shuffle=True)
-    assert shard_order(4, seed=3, epoch=0, shuffle=False) == [0, 1, 2, 3]
-
-
-def test_shuffled_reading_is_reproducible_from_the_seed_and_keeps_every_sample(tmp_path, make_sample):
-    uris = [str(tmp_path / s.path) for s in write_unit(str(tmp_path), make_sample)]
-    first = [s.key for s in read_all(uris, shuffle_buffer=4)]
-    assert first == [s.key for s in read_all(uris, shuffle_buffer=4)]
-    assert sorted(first) == [f"s{i}" for i in range(8)]
-
-
-def test_ranks_read_disjoint_shards_that_together_cover_the_cache(tmp_path, make_sample, monkeypatch):
-    uris = [str(tmp_path / s.path) for s in write_unit(str(tmp_path), make_sample)]
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    keys_by_rank = []
-    for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        keys_by_rank.append({s.key for s in read_all(uris, shuffle_buffer=2)})
-    assert not keys_by_rank[0] & keys_by_rank[1]
-    assert keys_by_rank[0] | keys_by_rank[1] == {f"s{i}" for i in range(8)}
-
-
-def test_skip_shards_leaves_out_finished_shards_for_resume(tmp_path, make_sample):
-    uris = [str(tmp_path / s.path) for s in write_unit(str(tmp_path), make_sample)]
-    samples = read_all(uris, skip_shards={0, 2})
-    assert {s.position[0] for s in samples} == {1, 3, 4}
 
 
 def cut_in_the_middle(path: Path) -> None:
@@ -166,13 +135,18 @@ def test_writer_starts_a_new_shard_once_the_byte_limit_is_reached(tmp_path, make
     assert [s.num_samples for s in shards] == [1] * 8
 
 
-def test_collate_pads_text_to_a_multiple_and_masks_real_tokens(make_sample):
-    batch = collate([make_sample("a", tokens=3), make_sample("b", tokens=5)], pad_to_multiple=4)
+def test_collate_pads_text_to_the_longest_and_masks_real_tokens(make_sample):
+    batch = collate([make_sample("a", tokens=3), make_sample("b", tokens=5)])
     assert batch["latent"].shape == (2, *SQUARE) and batch["latent"].dtype == torch.float32
-    assert batch["text"].shape == (2, 8, 16) and batch["text_mask"].dtype == torch.bool
+    assert batch["text"].shape == (2, 5, 16) and batch["text_mask"].dtype == torch.bool
     assert batch["text_mask"].sum(1).tolist() == [3, 5]
     assert torch.all(batch["text"][0, 3:] == 0) and torch.all(batch["text"][1, :5] != 0)
     assert batch["keys"] == ["a", "b"]
+
+
+def test_padding_texts_that_are_all_empty_keeps_one_masked_slot():
+    text, mask = pad_text([np.zeros((0, 16), np.float32)] * 2)
+    assert text.shape == (2, 1, 16) and not mask.any()
 
 
 def test_collate_refuses_a_batch_mixing_buckets(make_sample):
@@ -184,15 +158,4 @@ def test_null_text_round_trips_as_float32(tmp_path):
     null = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
     write_null_text(str(tmp_path), null)
     assert os.path.exists(tmp_path / "null_text.npy")
-    np.testing.assert_array_equal(load_null_text(str(tmp_path)), null)
-
-
-def test_spawned_dataloader_workers_split_the_shards_and_read_each_sample_once(tmp_path, make_sample):
-    uris = [str(tmp_path / s.path) for s in write_unit(str(tmp_path), make_sample) if s.bucket == "8x8"]
-    dataset = cache_dataset(uris, shuffle_buffer=2, seed=0, split_by_node=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=1, num_workers=2, multiprocessing_context="spawn", collate_fn=collate
-    )
-    batches = list(loader)
-    assert sorted(key for batch in batches for key in batch["keys"]) == ["s0", "s1", "s2", "s3", "s4"]
-    assert len({position for batch in batches for position in batch["positions"]}) == 5
+    np.testing.assert_array_equal(load_null_text(layout.null_text_uri(str(tmp_path))), null)

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from pipelines.demo.synthetic_cache import write_tiny_cache
 from services.cache import reader
 from services.cache.schema import CacheFormatError, decode_sample
 from services.cache.tar_members import MAX_MEMBER_SIZE, TarFormatError, TarMembers, TarStream
 from tests.fixtures.tar_mutations import header_offsets, mutated_archives
-from tests.trainer.tiny_cache import write_reference_shard, write_tiny_cache
+from tests.trainer.reference_shards import write_reference_shard
 
 FUZZ_EXAMPLES = 300
 SLOW_FUZZ_EXAMPLES = 3000

@@ -1,6 +1,6 @@
 """Proof it learns: digits through the real encode, train and evaluation jobs, scored by a digit classifier.
 
-The corpus is scikit-learn's digits (pipelines/demo_corpus.py), encoded with the pixel codec and the real
+The corpus is scikit-learn's digits (pipelines/demo/corpus.py), encoded with the pixel codec and the real
 MiniLM text encoder by `ray job submit` of the encode job, trained by the train job (2 CPU DDP workers)
 with configs/demo/train.yaml, and judged by the evaluation job on Ray: a classifier fitted on held-out
 real digits reads the generated images, which must show the digit their prompt names.
@@ -18,13 +18,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from pipelines.demo_corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, digit_caption, load_digit_split
+from pipelines.demo.corpus import HELD_OUT_DIR, TRAIN_DIR, build_demo_corpus, digit_caption, load_digit_split
 from services import storage
 from tests.fixtures.ray_cluster import REPO
-from trainer.digit_classifier import digit_accuracy, fit_digit_classifier
-from trainer.evaluate import REPORT_FILE, resolve_export
+from trainer.checkpoint import resolve_export
+from trainer.evaluate import REPORT_FILE
+from trainer.evaluation.digit_classifier import digit_accuracy, fit_digit_classifier
 
 CONFIGS = REPO / "configs" / "demo"
 FULL_RUN_ACCURACY = 0.8
@@ -73,16 +73,14 @@ def test_generated_digits_are_read_as_the_prompted_digit(ray_cluster, s3_server,
 SHORT_DIGITS = (0, 1)
 
 
-def generate_digits(export_uri: str, digits: tuple[int, ...], per_digit: int, out) -> torch.Tensor:
-    """Images from trainer/generate.py for `per_digit` prompts of each digit, as (N, 3, H, W) in [0, 1]."""
-    from trainer.generate import build_parser, generate
+def generate_digits(export_uri: str, digits: tuple[int, ...], per_digit: int) -> torch.Tensor:
+    """Images of `per_digit` prompts of each digit, as (N, 3, H, W) in [0, 1] quantised to 8 bits like a PNG."""
+    from trainer.generation import generate_images, load_export, to_uint8
+    from trainer.samplers import SamplerSettings
 
-    argv = ["--checkpoint", export_uri, "--out", str(out), "--steps", "20", "--cfg", "3", "--batch-size", "50"]
-    for digit in digits:
-        argv += ["--prompt", digit_caption(digit)] * per_digit
-    paths = generate(build_parser().parse_args(argv))[:-1]
-    pixels = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    prompts = [digit_caption(digit) for digit in digits for _ in range(per_digit)]
+    images = generate_images(load_export(export_uri), prompts, SamplerSettings(steps=20, cfg=3, batch_size=50))
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 255
 
 
 @pytest.mark.e2e
@@ -94,7 +92,7 @@ def test_a_short_run_already_draws_zeros_and_ones(ray_cluster, s3_server, tmp_pa
     train(ray_cluster, train_uri, [], checkpoints, "max_steps=300", "checkpoint.every_steps=300",
           "optimizer.lr=2.0e-3", "ema.decay=0.95")
     export, _ = resolve_export(checkpoints)
-    generated = generate_digits(export, SHORT_DIGITS, 20, tmp_path / "generated")
+    generated = generate_digits(export, SHORT_DIGITS, 20)
     split = load_digit_split()
     classifier = fit_digit_classifier(_images(split.held_out_ink), split.held_out_labels)
     accuracy = digit_accuracy(classifier, generated, np.repeat(SHORT_DIGITS, 20))
@@ -103,7 +101,7 @@ def test_a_short_run_already_draws_zeros_and_ones(ray_cluster, s3_server, tmp_pa
 
 
 def _images(ink: np.ndarray) -> torch.Tensor:
-    from pipelines.demo_corpus import ink_to_image
+    from pipelines.demo.corpus import ink_to_image
 
     pixels = np.stack([np.asarray(ink_to_image(sample)) for sample in ink])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255

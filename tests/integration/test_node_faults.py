@@ -15,6 +15,7 @@ import time
 import pytest
 
 from infra.local.processes import kill_session, session_pids
+from pipelines.demo.synthetic_cache import write_tiny_cache
 from services import storage
 from services.cache.manifest import list_progress
 from tests.fixtures.ray_cluster import (
@@ -34,8 +35,7 @@ from tests.integration.test_stack import (
 from tests.pipelines.test_encode_job import cached_keys, streaming_args, wait_for_progress
 from tests.pipelines.test_encode_job import summary_of as encode_summary_of
 from tests.trainer.test_train_job import STEPS, summary_of, train_argv
-from tests.trainer.tiny_cache import write_tiny_cache
-from trainer.checkpoint import LATEST
+from trainer.checkpoint import complete_steps
 
 # Generous: on the shared 2-core machine these ran beside other engineers' jobs (load average ~25), where
 # one test (a cluster start, two or three jobs) took longer than the suite's 900 s default.
@@ -67,11 +67,11 @@ def cluster(s3_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from tests.fixtures.corpora import make_folder_corpus
+    from pipelines.demo.photos import write_photo_folder
 
     root = tmp_path_factory.mktemp("fault-photos")
     for copy in range(6):
-        make_folder_corpus(root / f"copy{copy}")
+        write_photo_folder(root / f"copy{copy}")
     return root
 
 
@@ -92,9 +92,9 @@ def uninterrupted_train(cluster, s3_server, tiny_cache) -> dict:
 
 
 def wait_for_first_checkpoint(checkpoints: str, job: subprocess.Popen) -> None:
-    """Until the running train job has published a complete checkpoint (its `latest.json`)."""
+    """Until the running train job has published a complete checkpoint (its `_COMPLETE.json`)."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not storage.exists(storage.join(checkpoints, LATEST)):
+    while not complete_steps(checkpoints):
         assert time.monotonic() < deadline, "no checkpoint appeared"
         assert job.poll() is None, "the job ended before its first checkpoint"
         time.sleep(0.5)
@@ -163,7 +163,7 @@ def test_a_train_job_that_loses_a_worker_node_restarts_its_group_when_the_node_r
         killed_id = victim.node_id()
         killed_at = time.monotonic()
         kill_node(victim)
-        saved_step = storage.read_json(storage.join(checkpoints, LATEST))["step"]
+        saved_step = complete_steps(checkpoints)[-1]
         # One rank per 1-CPU node: the new worker group waits until the node rejoins.
         victim.start(cluster.node_env)
         rejoined_at = time.monotonic()
@@ -218,7 +218,7 @@ def test_killing_the_whole_stack_mid_training_then_stack_up_and_resubmit_resumes
         again = hybriddit_stack("up", up)
         up_at = time.monotonic()
         assert again["s3"]["running"] and all(node["node_id"] for node in again["ray"]["workers"])
-        saved_step = storage.read_json(storage.join(checkpoints, LATEST))["step"]
+        saved_step = complete_steps(checkpoints)[-1]
         assert 0 < saved_step < STEPS
         result = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
         ended_at = time.monotonic()

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
+from pipelines.demo.synthetic_cache import TEXT_DIM, write_tiny_cache
 from services import storage
 from tests.integration.test_storage_s3 import payload
-from tests.trainer.tiny_cache import TEXT_DIM, write_tiny_cache
 from trainer.data import TrainingStream, index_shards
 
 WAITS_OUT = {"retry_deadline_seconds": 60, "backoff_seconds": 0.2, "max_backoff_seconds": 1.0}

@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import webdataset as wds
 
 from infra.local.credentials import S3Credentials
 from infra.local.processes import PortInUseError
@@ -210,18 +209,6 @@ def test_botocore_retries_each_request_and_the_deadline_loop_the_whole_operation
         storage.read_bytes("s3://bucket/key", by_deadline)
     operations = int(re.search(r"(\d+) attempts", str(failure.value)).group(1))
     assert operations >= 3 and handler.requests == operations * requests_per_call
-
-
-def test_webdataset_shard_writer_and_reader_work_on_s3_uris(prefix):
-    storage.register_webdataset_s3()
-    with wds.ShardWriter(storage.join(prefix, "shard-%04d.tar"), maxcount=3, verbose=0) as sink:
-        for index in range(5):
-            sink.write({"__key__": f"sample{index:03d}", "txt": f"caption {index}"})
-    shards = storage.list_uris(prefix)
-    assert [uri.rsplit("/", 1)[1] for uri in shards] == ["shard-0000.tar", "shard-0001.tar"]
-
-    samples = list(wds.WebDataset(shards, shardshuffle=False))
-    assert [(s["__key__"], s["txt"].decode()) for s in samples] == [(f"sample{i:03d}", f"caption {i}") for i in range(5)]
 
 
 def test_http_uris_are_read_through_fsspec(tmp_path):

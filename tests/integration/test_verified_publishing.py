@@ -69,7 +69,7 @@ def test_verify_published_dir_streams_every_file_and_catches_a_same_size_change(
 @pytest.fixture
 def s3_export(prefix, tmp_path):
     model = build_model("HybridDiT-tiny")
-    storage.upload_dir(save_exported_model(tmp_path / "export", model, codec=CODEC, text_encoder=TEXT), prefix)
+    storage.publish_dir(save_exported_model(tmp_path / "export", model, codec=CODEC, text_encoder=TEXT), prefix)
     return prefix, model
 
 

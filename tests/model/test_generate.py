@@ -53,3 +53,22 @@ def test_size_not_divisible_by_the_codec_downscale_is_rejected(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", "taef2")
     with pytest.raises(ValueError, match="multiple of 8"):
         main(["--checkpoint", str(checkpoint), "--prompt", "x", "--size", "100", "--out", str(tmp_path / "o")])
+
+
+def test_the_in_memory_api_turns_prompts_into_images_without_touching_disk(tmp_path, monkeypatch):
+    import torch
+
+    from trainer.generation import build_text_to_image, generate_images
+    from trainer.samplers import SamplerSettings
+
+    monkeypatch.chdir(tmp_path)
+    config = resolve_config("HybridDiT-tiny").model_copy(update={"latent_channels": 32})
+    model = randomize_weights(build_model(config), std=0.02).eval()
+    pipeline = build_text_to_image(model, {"name": "taef2", "tiny": False}, TEXT_ENCODER, torch.device("cpu"),
+                                   "an in-memory model")
+    settings = SamplerSettings(steps=2, sampler="euler", cfg=2.0, batch_size=2)
+    images = generate_images(pipeline, ["a cat", "a dog", "a fox"], settings, size=(64, 96))
+    assert images.shape == (3, 3, 64, 96) and images.dtype == torch.float32
+    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    assert torch.equal(images, generate_images(pipeline, ["a cat", "a dog", "a fox"], settings, size=(64, 96)))
+    assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ from collections import Counter
 import pytest
 from pydantic import ValidationError
 
+from pipelines.demo.synthetic_cache import write_tiny_cache
 from pipelines.preprocess import PreprocessConfig
 from pipelines.sources import FineT2IConfig, FolderConfig, LaionConfig, build_source
 from pipelines.sources.finet2i import ARCHIVE_KEY_SUFFIX
@@ -35,7 +36,6 @@ from tests.fixtures.corpora import (
     reasons_by_key,
 )
 from tests.fixtures.tar_mutations import pax_header, seal
-from tests.trainer.tiny_cache import write_tiny_cache
 
 PREPROCESS = PreprocessConfig(resolution=64, multiple_of=32)
 FINET2I_MEMBER_CAP = 200_000  # above every photo used here; `huge.jpg` is above it

@@ -16,11 +16,12 @@ import psutil
 import pytest
 import torch
 
+from pipelines.demo.photos import write_photo_folder
 from pipelines.encode_latents import SUMMARY_PREFIX
 from pipelines.preprocess import PreprocessConfig, prepare_image
 from services import storage
 from services.cache.manifest import list_progress, read_manifest, shard_uris
-from services.cache.reader import SkipCounter, cache_dataset
+from services.cache.reader import SkipCounter, read_samples
 from services.encoders import build_codec, build_text_encoder
 from tests.fixtures.corpora import (
     LAION_FETCH_SETTINGS,
@@ -30,7 +31,6 @@ from tests.fixtures.corpora import (
     laion_rows,
     make_bad_input_corpus,
     make_finet2i_tar,
-    make_folder_corpus,
     make_laion_parquet,
     photo_jpeg,
 )
@@ -74,8 +74,7 @@ def run_job(cluster, argv: list[str], *, submission_id: str | None = None) -> di
 
 
 def cached(out_uri: str) -> list:
-    return list(cache_dataset(shard_uris(out_uri), shuffle_buffer=0, seed=0, split_by_node=False,
-                              handler=SkipCounter(fail_fast=True)))  # fmt: skip
+    return list(read_samples(shard_uris(out_uri), SkipCounter(fail_fast=True)))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -157,7 +156,7 @@ def many_photos(tmp_path_factory) -> Path:
     """42 photos in 21 units of 2."""
     root = tmp_path_factory.mktemp("many")
     for copy in range(6):
-        make_folder_corpus(root / f"copy{copy}")
+        write_photo_folder(root / f"copy{copy}")
     return root
 
 

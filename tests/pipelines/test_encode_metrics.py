@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 import urllib.request
 
+from pipelines.demo.photos import PHOTOS_BY_NAME, write_photo_folder
 from services.metrics import ENCODE_METRICS
-from tests.fixtures.corpora import PHOTOS_BY_NAME, make_folder_corpus
 from tests.pipelines.test_encode_job import encode_args, run_job
 
 SCRAPE_DEADLINE_S = 90  # Ray's agents export what workers record every few seconds
@@ -24,7 +24,7 @@ def scrape(ports: list[int]) -> str:
 def test_an_encode_job_exports_the_projects_metrics_on_rays_metrics_endpoint(ray_cluster, s3_server, tmp_path):
     photos = tuple(PHOTOS_BY_NAME[name] for name in ("astronaut", "coffee", "chelsea"))
     corpus = tmp_path / "corpus"
-    make_folder_corpus(corpus, photos)
+    write_photo_folder(corpus, photos)
     (corpus / "no_caption.jpg").write_bytes((corpus / "coffee.jpg").read_bytes())
     summary = run_job(ray_cluster, encode_args({"kind": "folder", "root": str(corpus)}, s3_server.uri("metrics-cache")))
     assert summary["samples_written"] == 3

@@ -12,17 +12,17 @@ import time
 
 import pytest
 
+from pipelines.demo.photos import write_photo_folder
 from pipelines.local_loop import run_local
 from services import storage
 from services.cache.manifest import list_progress, read_manifest
-from tests.fixtures.corpora import make_folder_corpus
 from tests.pipelines.test_graph_units import cached_samples, job_config
 
 
 @pytest.mark.slow
 def test_a_30_s_s3_outage_between_units_is_waited_out_and_gives_the_uninterrupted_cache(s3_server, tmp_path,
                                                                                       caplog):
-    make_folder_corpus(tmp_path / "corpus")
+    write_photo_folder(tmp_path / "corpus")
     straight, interrupted = s3_server.uri("encode-outage", "straight"), s3_server.uri("encode-outage", "outage")
     # One photo per unit: many small writes, spread over the run.
     run_local(job_config(tmp_path / "corpus", straight, source={"files_per_unit": 1}))

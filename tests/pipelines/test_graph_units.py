@@ -28,6 +28,7 @@ from pipelines.actors import (
     unit_row,
 )
 from pipelines.config import EncodeJobConfig
+from pipelines.demo.photos import write_photo_folder
 from pipelines.graph import actor_pool
 from pipelines.job import delete_stale_shards, run_encode, selected_units
 from pipelines.ledger import UnitLedger
@@ -35,10 +36,10 @@ from pipelines.local_loop import LocalEncoder, run_local
 from pipelines.preprocess import PreprocessConfig
 from pipelines.sources.base import InputUnit, RawSample
 from services.cache.manifest import list_progress, read_manifest, read_plan, read_progress, shard_uris
-from services.cache.reader import SkipCounter, cache_dataset
+from services.cache.reader import SkipCounter, read_samples
 from services.cache.schema import npy_bytes, npy_view
 from services.config import ConfigError, load_config
-from tests.fixtures.corpora import make_bad_input_corpus, make_folder_corpus, photo_jpeg
+from tests.fixtures.corpora import make_bad_input_corpus, photo_jpeg
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = PreprocessConfig(resolution=64, min_size=16)
@@ -60,13 +61,12 @@ def job_config(root: Path, out: Path, **changes) -> EncodeJobConfig:
 
 
 def cached_samples(out: Path) -> list:
-    return list(cache_dataset(shard_uris(str(out)), shuffle_buffer=0, seed=0, split_by_node=False,
-                              handler=SkipCounter(fail_fast=True)))  # fmt: skip
+    return list(read_samples(shard_uris(str(out)), SkipCounter(fail_fast=True)))
 
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    make_folder_corpus(tmp_path / "corpus")
+    write_photo_folder(tmp_path / "corpus")
     return tmp_path / "corpus"
 
 

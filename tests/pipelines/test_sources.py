@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from pipelines.demo.photos import write_photo_folder
 from pipelines.preprocess import PreprocessConfig
 from pipelines.sources import (
     ClassFolderConfig,
@@ -28,7 +29,6 @@ from tests.fixtures.corpora import (
     laion_rows,
     make_class_folder_corpus,
     make_finet2i_tar,
-    make_folder_corpus,
     make_laion_parquet,
     reasons_by_key,
 )
@@ -136,7 +136,8 @@ def test_finet2i_streams_tars_from_s3_listed_by_glob(tmp_path, s3_server):
     make_finet2i_tar(tmp_path / "train-000000.tar", finet2i_records(PHOTOS[:2]))
     make_finet2i_tar(tmp_path / "train-000001.tar", finet2i_records(PHOTOS[2:3], first_id=2))
     prefix = s3_server.uri("sources", "synthetic_x")
-    storage.upload_dir(tmp_path, prefix)
+    for name in ("train-000000.tar", "train-000001.tar"):
+        storage.upload_file(tmp_path / name, storage.join(prefix, name))
 
     source = build_source(FineT2IConfig(uris=[f"{prefix}/train-*.tar"], caption_field="txt"))
 
@@ -251,7 +252,7 @@ def test_laion_missing_url_column_names_the_file_and_the_column(tmp_path):
 
 
 def test_folder_pairs_images_with_same_stem_captions_and_json(tmp_path):
-    expected = make_folder_corpus(tmp_path / "photos")
+    expected = write_photo_folder(tmp_path / "photos")
 
     samples = all_samples(build_source(FolderConfig(root=str(tmp_path / "photos"))))
 
@@ -261,7 +262,7 @@ def test_folder_pairs_images_with_same_stem_captions_and_json(tmp_path):
 
 
 def test_folder_units_are_sorted_chunks_of_files(tmp_path):
-    make_folder_corpus(tmp_path / "photos")
+    write_photo_folder(tmp_path / "photos")
 
     units = build_source(FolderConfig(root=str(tmp_path / "photos"), files_per_unit=3)).list_units()
 
@@ -274,7 +275,7 @@ def test_folder_units_are_sorted_chunks_of_files(tmp_path):
 
 
 def test_folder_refuses_two_images_sharing_one_caption_stem(tmp_path):
-    make_folder_corpus(tmp_path, PHOTOS[:1])
+    write_photo_folder(tmp_path, PHOTOS[:1])
     (tmp_path / "astronaut.png").write_bytes(b"")
 
     with pytest.raises(ValueError, match="astronaut.png"):

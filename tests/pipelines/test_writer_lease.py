@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import LeaseConfig, PartitionConfig
+from pipelines.demo.photos import write_photo_folder
 from pipelines.job import run_encode
 from pipelines.lease import LeaseHeldError, LeaseLostError, WriterLease, lease_name
 from pipelines.local_loop import LocalEncoder, run_local
 from services import storage
 from services.cache import layout
 from services.cache.manifest import read_manifest
-from tests.fixtures.corpora import make_folder_corpus
 from tests.pipelines.test_graph_units import cached_samples, job_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ SHORT = LeaseConfig(ttl_seconds=4.0, renew_every_seconds=1.0)
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    make_folder_corpus(tmp_path / "corpus")
+    write_photo_folder(tmp_path / "corpus")
     return tmp_path / "corpus"
 
 

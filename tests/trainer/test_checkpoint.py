@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors + JSON round trip, atomic publish with latest.json last, keep-last-K, no stall."""
+"""Checkpoints: safetensors + JSON round trip, atomic publish with the completion marker last, keep-last-K, no stall."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_optimizer_state_round_trips_through_tensors_and_json():
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
 
 
-def test_published_checkpoint_loads_back_and_latest_names_it(tmp_path):
+def test_published_checkpoint_loads_back_and_is_the_newest_complete_one(tmp_path):
     publisher = ckpt.CheckpointPublisher(str(tmp_path / "ckpts"), keep_last=2)
     publisher.save(5, **contents(5, 0.25))
     publisher.wait()
@@ -51,7 +51,7 @@ def test_published_checkpoint_loads_back_and_latest_names_it(tmp_path):
     assert loaded.step == 5
     assert torch.all(loaded.model["weight"] == 0.25) and torch.all(loaded.ema["weight"] == 0.25)
     assert loaded.state["data_position"] == {"epoch": 0, "batches": 5}
-    assert storage.read_json(str(tmp_path / "ckpts" / "latest.json")) == {"step": 5, "path": "step_0000005"}
+    assert ckpt.complete_steps(str(tmp_path / "ckpts")) == [5]
 
 
 def test_only_the_last_k_checkpoints_are_kept(tmp_path):
@@ -81,7 +81,7 @@ def test_a_failed_upload_leaves_the_previous_checkpoint_as_latest(tmp_path, monk
     with pytest.raises(RuntimeError, match="uploading a checkpoint"):
         publisher.wait()
     assert storage.exists(storage.join(root, "step_0000002", "export"))  # partly uploaded
-    assert storage.read_json(storage.join(root, "latest.json"))["step"] == 1
+    assert ckpt.complete_steps(root) == [1]
     assert ckpt.load_latest(root).step == 1
 
 
@@ -137,7 +137,7 @@ def test_a_30_s_s3_outage_during_a_checkpoint_upload_is_waited_out_and_the_check
     seconds = time.monotonic() - started
     assert "retrying upload to" in caplog.text, "the outage missed the upload"
     assert outage.seconds >= 30
-    assert storage.read_json(storage.join(root, ckpt.LATEST))["step"] == 2
+    assert ckpt.complete_steps(root)[-1] == 2
     resumed = ckpt.load_latest(root)  # checks every file against the completion marker's sha256
     assert resumed.step == 2 and resumed.state == saved["state"]
     assert all(torch.equal(resumed.model[name], value) for name, value in saved["model"].items())

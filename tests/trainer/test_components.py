@@ -13,7 +13,7 @@ from trainer.ema import EMA
 from trainer.models import build_model
 from trainer.models.hybrid_dit import DiTBlock
 from trainer.optim import build_optimizer, warmup_cosine
-from trainer.precision import PrecisionUnavailableError, apply_activation_checkpointing, resolve_precision
+from trainer.precision import PrecisionUnavailableError, apply_activation_checkpointing, precision_for_device
 
 CPU = torch.device("cpu")
 
@@ -45,13 +45,13 @@ def test_ema_moves_each_weight_by_one_minus_decay_towards_the_model():
 
 def test_fp8_on_a_cpu_is_a_clear_error_unless_fallback_is_allowed():
     with pytest.raises(PrecisionUnavailableError, match="allow_fp8_fallback"):
-        resolve_precision("fp8", CPU, allow_fp8_fallback=False)
-    assert resolve_precision("fp8", CPU, allow_fp8_fallback=True) == "fp32"
+        precision_for_device("fp8", CPU, allow_fp8_fallback=False)
+    assert precision_for_device("fp8", CPU, allow_fp8_fallback=True) == "fp32"
 
 
 def test_bf16_autocast_is_refused_on_a_cpu():
     with pytest.raises(PrecisionUnavailableError, match="precision=fp32"):
-        resolve_precision("bf16", CPU, allow_fp8_fallback=False)
+        precision_for_device("bf16", CPU, allow_fp8_fallback=False)
 
 
 def test_activation_checkpointing_keeps_state_dict_keys_and_gradients():
@@ -79,3 +79,21 @@ def test_the_shipped_configs_validate():
 def test_a_batch_that_does_not_split_over_the_workers_is_rejected():
     with pytest.raises(ConfigError, match="batch_size=10 is not divisible by scaling.num_workers=4"):
         load_config(TrainJobConfig, "configs/train/tiny-cpu.yaml", ["batch_size=10", "scaling.num_workers=4"])
+
+
+def test_the_distillation_term_is_the_weighted_mse_to_the_teachers_velocity():
+    from trainer.flow_matching import noise_batch
+    from trainer.step import distillation_term
+
+    model = build_model("HybridDiT-tiny")
+    config, generator = model.config, torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, config.latent_channels, config.latent_size, config.latent_size, generator=generator)
+    text, mask = torch.randn(3, 2, config.text_dim, generator=generator), torch.ones(3, 2, dtype=torch.bool)
+    noised = noise_batch(x0, text, mask, generator=generator)
+    prediction = model(noised.x_t, noised.t, noised.text, noised.text_mask)
+    weights = torch.tensor([1.0, 1.0, 0.0])  # the third sample is a placeholder
+    assert float(distillation_term(prediction, model, noised, weights)) == 0.0
+    silent = distillation_term(prediction, lambda x, t, text, mask: torch.zeros_like(x), noised, weights)
+    expected = prediction.detach().pow(2).flatten(1).mean(dim=1)[:2].mean()
+    assert float(silent) == pytest.approx(float(expected), rel=1e-5)
+    assert silent.requires_grad  # the student learns from it; the teacher ran without gradients

@@ -9,9 +9,10 @@ import pytest
 import torch
 from webdataset import TarWriter
 
+from pipelines.demo.synthetic_cache import TEXT_DIM, class_sample, write_tiny_cache
 from services.cache.reader import CorruptCacheError
 from services.cache.schema import encode_sample
-from tests.trainer.tiny_cache import TEXT_DIM, class_sample, write_reference_shard, write_tiny_cache
+from tests.trainer.reference_shards import write_reference_shard
 from trainer.data import (
     PLACEHOLDER_KEY,
     DataPosition,

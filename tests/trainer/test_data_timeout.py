@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.trainer.tiny_cache import TEXT_DIM, write_tiny_cache
+from pipelines.demo.synthetic_cache import TEXT_DIM, write_tiny_cache
 from trainer.data import DataTimeoutError, TrainingStream, index_shards
 
 BATCH_TIMEOUT_S = 3.0

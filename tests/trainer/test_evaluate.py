@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.demo_corpus import digit_caption, ink_to_image, load_digit_split
+from pipelines.demo.corpus import digit_caption, ink_to_image, load_digit_split
 from services import storage
 from services.cache import manifest
 from services.cache.schema import CacheSample
 from services.cache.writer import UnitShardWriter, write_null_text
 from services.encoders import build_codec
-from trainer.digit_classifier import digit_accuracy, digit_of_caption, fit_digit_classifier
-from trainer.eval_features import FeatureExtractorError, build_features
-from trainer.evaluate import EvalConfig, distribution_metrics, evaluate, generate_images, resolve_export
+from trainer.checkpoint import resolve_export
+from trainer.evaluate import EvalConfig, distribution_metrics, evaluate, generate_chunk
+from trainer.evaluation.digit_classifier import digit_accuracy, digit_of_caption, fit_digit_classifier
+from trainer.evaluation.features import FeatureExtractorError, build_features
 from trainer.export import save_exported_model
 from trainer.models import build_model
 
@@ -114,9 +115,9 @@ def untrained_export(tmp_path_factory) -> str:
 def test_generation_split_into_chunks_gives_the_images_of_one_run(untrained_export):
     config = EvalConfig(checkpoint=untrained_export, reference_uri="unused", generation={"steps": 2, "batch_size": 2})
     prompts = [digit_caption(d) for d in range(4)]
-    whole = generate_images(untrained_export, prompts, config.generation, 0, 32, 32)
-    halves = [generate_images(untrained_export, prompts[:2], config.generation, 0, 32, 32),
-              generate_images(untrained_export, prompts[2:], config.generation, 2, 32, 32)]
+    whole = generate_chunk(untrained_export, prompts, config.generation, 0, 32, 32)
+    halves = [generate_chunk(untrained_export, prompts[:2], config.generation, 0, 32, 32),
+              generate_chunk(untrained_export, prompts[2:], config.generation, 2, 32, 32)]
     np.testing.assert_array_equal(whole, np.concatenate(halves))
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.trainer.tiny_cache import write_tiny_cache
+from pipelines.demo.synthetic_cache import write_tiny_cache
 from trainer import checkpoint as ckpt
 from trainer.config import TrainJobConfig
-from trainer.loop import Trainer, resolve_dataset
+from trainer.inputs import resolve_cache
+from trainer.loop import TrainingRun
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,12 @@ def job(cache_uri, checkpoint_uri, **changes) -> TrainJobConfig:
 
 def test_an_interrupted_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(cache_uri, tmp_path):
     config = job(cache_uri, str(tmp_path / "straight"))
-    straight = Trainer(config, resolve_dataset(config))
+    straight = TrainingRun(config, resolve_cache(config))
     straight.run()
     config = job(cache_uri, str(tmp_path / "resumed"))
-    dataset = resolve_dataset(config)
-    Trainer(config, dataset, stop_after=7).run()  # killed at step 7; the last checkpoint is step 5
-    resumed = Trainer(config, dataset)
+    dataset = resolve_cache(config)
+    TrainingRun(config, dataset, stop_after=7).run()  # killed at step 7; the last checkpoint is step 5
+    resumed = TrainingRun(config, dataset)
     assert resumed.step == 5
     resumed.run()
     for name, tensor in straight.model.state_dict().items():
@@ -47,7 +48,7 @@ def test_held_out_loss_falls_on_a_learnable_cache(cache_uri, tmp_path):
     config = job(cache_uri, str(tmp_path / "ckpt"), max_steps=40, cfg_dropout=0.0,
                  optimizer=dict(lr=3e-3, warmup_fraction=0.1), checkpoint=dict(uri=str(tmp_path / "ckpt"), every_steps=1000),
                  validation=dict(holdout_shards=1, every_steps=1000, max_batches=1))
-    trainer = Trainer(config, resolve_dataset(config))
+    trainer = TrainingRun(config, resolve_cache(config))
     before = trainer.validate()["val_loss"]
     trainer.run()
     assert trainer.validate()["val_loss"] < 0.92 * before
@@ -56,10 +57,10 @@ def test_held_out_loss_falls_on_a_learnable_cache(cache_uri, tmp_path):
 def test_validation_reports_one_loss_per_t_bin_on_held_out_shards(cache_uri, tmp_path):
     config = job(cache_uri, str(tmp_path / "ckpt"), max_steps=2,
                  validation=dict(holdout_shards=1, t_grid=[0.25, 0.75], every_steps=2, max_batches=1))
-    dataset = resolve_dataset(config)
+    dataset = resolve_cache(config)
     assert len(dataset.validation_shards) == 1 and len(dataset.train_shards) == 4
     reports = []
-    Trainer(config, dataset, reporter=reports.append).run()
+    TrainingRun(config, dataset, reporter=reports.append).run()
     validation = next(report for report in reports if "val_loss" in report)
     assert set(validation) == {"step", "val_loss", "val_loss_t0.25", "val_loss_t0.75"}
     assert all(0 < value < 10 for value in validation.values())
@@ -69,7 +70,7 @@ def test_the_final_checkpoint_exports_the_ema_weights_for_generate(cache_uri, tm
     from trainer.export import load_exported_model
 
     config = job(cache_uri, str(tmp_path / "ckpt"), max_steps=3)
-    trainer = Trainer(config, resolve_dataset(config))
+    trainer = TrainingRun(config, resolve_cache(config))
     trainer.run()
     model, exported = load_exported_model(tmp_path / "ckpt" / ckpt.step_dir_name(3) / ckpt.EXPORT_DIR)
     for name, tensor in trainer.ema.state_dict().items():
@@ -81,17 +82,17 @@ def test_distillation_from_an_identical_teacher_adds_nothing_to_the_loss(cache_u
     from trainer.export import save_exported_model
     from trainer.models import build_model
 
-    torch.manual_seed(0)  # the student's initial weights (Trainer seeds with config.seed=0)
+    torch.manual_seed(0)  # the student's initial weights (TrainingRun seeds with config.seed=0)
     teacher_dir = save_exported_model(tmp_path / "teacher", build_model("HybridDiT-tiny"), codec={}, text_encoder={})
     plain_config = job(cache_uri, str(tmp_path / "plain"), max_steps=1)
     distill_config = job(cache_uri, str(tmp_path / "distill"), max_steps=1, teacher=str(teacher_dir),
                          distill_lambda=5.0)
     plain, distilled = [], []
-    Trainer(plain_config, resolve_dataset(plain_config), reporter=lambda m: plain.append(m["loss"])).run()
-    trainer = Trainer(distill_config, resolve_dataset(distill_config), reporter=lambda m: distilled.append(m["loss"]))
+    TrainingRun(plain_config, resolve_cache(plain_config), reporter=lambda m: plain.append(m["loss"])).run()
+    trainer = TrainingRun(distill_config, resolve_cache(distill_config), reporter=lambda m: distilled.append(m["loss"]))
     trainer.run()
     assert distilled == pytest.approx(plain)
-    assert trainer.teacher_matching.per_sample is not None
+    assert trainer.objective.teacher is not None
 
 
 def test_sample_grids_from_fixed_prompts_are_uploaded_next_to_the_checkpoints(tmp_path):
@@ -101,8 +102,28 @@ def test_sample_grids_from_fixed_prompts_are_uploaded_next_to_the_checkpoints(tm
     config = job(cache, str(tmp_path / "ckpt"), max_steps=2, model=dict(preset="HybridDiT-tiny",
                                                                           overrides={"latent_channels": 12}),
                  samples=dict(prompts=["a red square", "a blue circle"], every_steps=2, steps=2))
-    Trainer(config, resolve_dataset(config)).run()
+    TrainingRun(config, resolve_cache(config)).run()
     grid = tmp_path / "ckpt" / "samples" / ckpt.step_dir_name(2) / "grid.png"
     from PIL import Image
 
     assert Image.open(grid).size == (32, 16)  # two 16 px images side by side
+
+
+def test_init_from_inherits_every_weight_of_a_trained_model_except_the_attention(cache_uri, tmp_path):
+    from trainer.export import save_exported_model
+    from trainer.inheritance import is_attention_weight
+    from trainer.models import build_model
+
+    teacher = build_model("HybridDiT-tiny")
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.add_(1.0)  # every teacher weight differs from any fresh initialisation
+    teacher_dir = save_exported_model(tmp_path / "teacher", teacher, codec={}, text_encoder={})
+    config = job(cache_uri, str(tmp_path / "ckpt"), max_steps=1, init_from=str(teacher_dir))
+    run = TrainingRun(config, resolve_cache(config))
+    student, taught = run.model.state_dict(), teacher.state_dict()
+    attention = [name for name in student if is_attention_weight(name)]
+    assert attention and len(attention) < len(student)
+    for name, tensor in student.items():
+        assert torch.equal(tensor, taught[name]) != is_attention_weight(name), name
+        assert torch.equal(run.ema.state_dict()[name], tensor), name  # the EMA starts from the inherited weights

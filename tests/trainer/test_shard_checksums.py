@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from pipelines.demo.synthetic_cache import TEXT_DIM, write_tiny_cache
 from services import storage
 from services.cache.reader import CorruptCacheError
-from tests.trainer.tiny_cache import TEXT_DIM, write_tiny_cache
 from trainer.data import PLACEHOLDER_KEY, TrainingStream, index_shards
 
 NULL_TEXT = np.zeros((1, TEXT_DIM), np.float32)

@@ -11,10 +11,9 @@ import time
 import psutil
 import pytest
 
-from services import storage
+from pipelines.demo.synthetic_cache import write_tiny_cache
 from tests.fixtures.ray_cluster import REPO, new_submission_id
-from tests.trainer.tiny_cache import write_tiny_cache
-from trainer.checkpoint import LATEST
+from trainer.checkpoint import complete_steps
 
 SUMMARY = re.compile(r"TRAIN_SUMMARY (\{.*\})")
 STEPS = 40
@@ -90,7 +89,7 @@ def test_a_killed_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not storage.exists(storage.join(checkpoints, LATEST)):
+        while not complete_steps(checkpoints):
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.5)
         drivers = driver_processes(checkpoints)
@@ -101,7 +100,7 @@ def test_a_killed_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
     finally:
         if job.poll() is None:
             job.kill()
-    saved_step = storage.read_json(storage.join(checkpoints, LATEST))["step"]
+    saved_step = complete_steps(checkpoints)[-1]
     assert 0 < saved_step < STEPS
     time.sleep(10)  # Ray reaps the dead job's training workers and frees their CPUs
     result = ray_cluster.submit(argv, timeout=600)
@@ -128,7 +127,7 @@ def test_a_training_worker_killed_mid_run_is_replaced_and_the_run_ends_like_an_u
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not storage.exists(storage.join(checkpoints, LATEST)):
+        while not complete_steps(checkpoints):
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.5)
         workers = train_worker_processes()
@@ -147,10 +146,10 @@ def test_a_training_worker_killed_mid_run_is_replaced_and_the_run_ends_like_an_u
 
 @pytest.mark.slow
 def test_the_train_job_trains_on_a_cache_written_by_the_encode_job(ray_cluster, s3_server, tmp_path):
+    from pipelines.demo.photos import write_photo_folder
     from services.cache.manifest import read_manifest
-    from tests.fixtures.corpora import make_folder_corpus
 
-    make_folder_corpus(tmp_path / "photos")
+    write_photo_folder(tmp_path / "photos")
     cache = s3_server.uri("trainer-tests", "encoded")
     encode = ray_cluster.submit(
         ["python", "pipelines/encode_latents.py", "--config", "configs/encode/folder-taef2-minilm.yaml",
@@ -178,10 +177,10 @@ def test_a_30_s_s3_outage_during_training_is_waited_out_and_the_run_ends_like_an
                            env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not storage.exists(storage.join(checkpoints, LATEST)):
+        while not complete_steps(checkpoints):
             assert time.monotonic() < deadline and job.poll() is None, "no checkpoint appeared"
             time.sleep(0.5)
-        step_at_outage = storage.read_json(storage.join(checkpoints, LATEST))["step"]
+        step_at_outage = complete_steps(checkpoints)[-1]
         with s3_server.stopped(restart_after=30) as outage:
             pass  # the block ends when the server is back, 30 s after it stopped
         output, _ = job.communicate(timeout=600)

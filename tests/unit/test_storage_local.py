@@ -67,19 +67,6 @@ def test_local_write_replaces_atomically_and_leaves_no_temp_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["obj.bin"]
 
 
-def test_upload_and_download_dir_keep_relative_paths(tmp_path):
-    source = tmp_path / "src"
-    (source / "a" / "b").mkdir(parents=True)
-    (source / "a" / "b" / "c.txt").write_text("deep")
-    (source / "top.txt").write_text("top")
-    uploaded = storage.upload_dir(source, f"file://{tmp_path}/remote")
-    assert uploaded == [f"file://{tmp_path}/remote/a/b/c.txt", f"file://{tmp_path}/remote/top.txt"]
-
-    files = storage.download_dir(str(tmp_path / "remote"), tmp_path / "copy")
-    assert sorted(p.relative_to(tmp_path / "copy").as_posix() for p in files) == ["a/b/c.txt", "top.txt"]
-    assert (tmp_path / "copy" / "a" / "b" / "c.txt").read_text() == "deep"
-
-
 def test_publish_writes_a_marker_listing_sizes_and_sha256_of_every_file(tmp_path):
     source = tmp_path / "ckpt"
     source.mkdir()

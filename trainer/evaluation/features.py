@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from services.config import StrictModel
-from trainer.digit_classifier import DigitClassifier, digit_of_caption, fit_digit_classifier
+from trainer.evaluation.digit_classifier import DigitClassifier, digit_of_caption, fit_digit_classifier
 
 
 class FeatureExtractorError(RuntimeError):

@@ -107,3 +107,15 @@ def photo_jpeg(name: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(photo_pixels(name)).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
+
+
+def write_photo_folder(directory: str | Path, photos: tuple[Photo, ...] = PHOTOS) -> dict[str, str]:
+    """`<name>.jpg` + `<name>.txt` (+ a `.json` for the first) per photo; returns key -> caption."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for index, photo in enumerate(photos):
+        (directory / f"{photo.name}.jpg").write_bytes(photo_jpeg(photo.name))
+        (directory / f"{photo.name}.txt").write_text(photo.caption + "\n", encoding="utf-8")
+        if index == 0:
+            (directory / f"{photo.name}.json").write_text('{"photographer": "NASA"}', encoding="utf-8")
+    return {photo.name: photo.caption for photo in photos}

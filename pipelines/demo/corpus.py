@@ -5,7 +5,7 @@ the end-to-end tests build a small real dataset without a download. Digits are s
 into a training folder and a held-out folder that no training job sees: the held-out digits train the
 digit classifier that scores generated images and serve as the FID/KID reference.
 
-    python pipelines/demo_corpus.py --out out/demo/corpus
+    python -m pipelines.demo.corpus --out out/demo/corpus
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.bundled_photos import PHOTOS, photo_pixels
+from pipelines.demo.photos import PHOTOS, photo_pixels
 
 DIGIT_SIZE = 32  # pixels per side of a written digit image (the 8x8 originals upscaled 4x)
 DIGIT_LEVELS = 16  # load_digits() stores ink as 0..16

@@ -1,15 +1,12 @@
-"""Tiny latent caches for the trainer tests, written with the cache writer the encode job uses."""
+"""A learnable synthetic latent cache (each class a fixed latent pattern plus noise, its text naming the class),
+written with the encode job's own cache writer: for benchmarks and tests that need a cache without encoders."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from webdataset import TarWriter
 
-from services import storage
 from services.cache import manifest
-from services.cache.schema import CacheSample, npy_bytes
+from services.cache.schema import CacheSample
 from services.cache.writer import UnitShardWriter, write_null_text
 
 TEXT_DIM = 32  # the tiny model presets' text_dim
@@ -52,19 +49,3 @@ def write_tiny_cache(out_uri: str, *, shard_sizes: list[int], sides: list[int] |
     )
     manifest.write_manifest(out_uri, card)
     return keys
-
-
-def write_reference_shard(uri: str, keys: list[str], *, seed: int = 0, padded_len: int = 8) -> None:
-    """A shard in the reference project's layout: `latents.npy` (1, C, h, w), text padded + `text_mask.npy`."""
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    with TarWriter(buffer, encoder=False, mtime=0) as tar:
-        for key in keys:
-            sample = class_sample(key, int(rng.integers(NUM_CLASSES)), rng)
-            text = np.zeros((padded_len, TEXT_DIM), np.float16)
-            text[: len(sample.text)] = sample.text
-            mask = np.arange(padded_len) < len(sample.text)
-            tar.write({"__key__": key, "latents.npy": npy_bytes(sample.latent[None].astype(np.float16)),
-                       "text.npy": npy_bytes(text), "text_mask.npy": npy_bytes(mask),
-                       "caption.txt": sample.caption.encode(), "meta.json": b"{}"})
-    storage.write_bytes(uri, buffer.getvalue())

@@ -1,0 +1,1 @@
+"""What the evaluation job measures with: feature spaces for FID/KID and the digit classifier."""

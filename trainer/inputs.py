@@ -1,0 +1,98 @@
+"""What a run trains on: the cache, resolved once on the driver, and the model checked against it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from services import storage
+from services.cache import layout, manifest, reader
+from trainer.config import TrainJobConfig
+from trainer.data import ShardEntry, index_shards, select_buckets, split_holdout, steps_per_epoch
+from trainer.export import LatentNormalisation
+from trainer.models import build_model, resolve_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ResolvedCache:
+    """What the driver resolves once and hands every rank: shard index, null text and the cache's encoders."""
+
+    train_shards: list[ShardEntry]
+    validation_shards: list[ShardEntry]
+    null_text: np.ndarray | None
+    codec: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    latent_normalisation: LatentNormalisation | None = None
+
+
+def _first_cache_root(uris: list[str]) -> str | None:
+    return next((uri for uri in uris if not uri.endswith(".tar") and storage.exists(layout.manifest_uri(uri))), None)
+
+
+def _normalisation(card: manifest.CacheManifest) -> LatentNormalisation | None:
+    if isinstance(card.latent_scale, float | int) and isinstance(card.latent_shift, float | int):
+        return LatentNormalisation(scale=card.latent_scale, shift=card.latent_shift)
+    logger.warning("per-channel latent normalisation is not recorded in the export's model_config.json")
+    return None
+
+
+def resolve_cache(config: TrainJobConfig) -> ResolvedCache:
+    """Index the training and validation shards and load the null text (reads manifests, not shards)."""
+    data = config.data
+    shards = select_buckets(index_shards(data.uris, fail_on_corrupt=data.fail_on_corrupt), data.buckets)
+    validation_shards: list[ShardEntry] = []
+    if config.validation.holdout_shards:
+        shards, validation_shards = split_holdout(shards, config.validation.holdout_shards)
+    if config.validation.uris:
+        validation_shards += select_buckets(index_shards(config.validation.uris), data.buckets)
+    root = _first_cache_root(data.uris)
+    card = manifest.read_manifest(root) if root is not None else None
+    null_text_uri = data.null_text_uri or (layout.null_text_uri(root) if root is not None else None)
+    null_text = reader.load_null_text(null_text_uri) if null_text_uri is not None else None
+    if null_text is None and config.cfg_dropout > 0:
+        raise ValueError(
+            f"cfg_dropout={config.cfg_dropout} needs the null text: this cache has no {layout.NULL_TEXT}; "
+            "set data.null_text_uri to the encoder's (L, D) .npy for the empty prompt, or cfg_dropout=0"
+        )
+    return ResolvedCache(shards, validation_shards, null_text,
+                         codec=card.codec if card else {}, text_encoder=card.text_encoder if card else {},
+                         latent_normalisation=_normalisation(card) if card else None)
+
+
+def total_steps(config: TrainJobConfig, cache: ResolvedCache) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return config.epochs * steps_per_epoch(
+        cache.train_shards, world_size=config.scaling.num_workers, batch_per_rank=config.batch_per_rank,
+        seed=config.seed, window_shards=config.data.shuffle_window_shards)
+
+
+def build_job_model(config: TrainJobConfig, cache: ResolvedCache) -> nn.Module:
+    """The configured DiT, checked against the cache's latent channels and text width, and initialised from
+    `init_from` when set (LiT weight inheritance)."""
+    model_config = resolve_config(config.model.preset)
+    if config.model.overrides:
+        model_config = type(model_config).model_validate({**model_config.model_dump(), **config.model.overrides})
+    channels = {shard.latent_channels for shard in cache.train_shards}
+    if channels != {model_config.latent_channels}:
+        raise ValueError(f"model {config.model.preset} takes {model_config.latent_channels} latent channels; "
+                         f"the cache holds {sorted(channels)}: pick a preset or model.overrides that match")
+    if cache.null_text is not None and cache.null_text.shape[1] != model_config.text_dim:
+        raise ValueError(f"model {config.model.preset} takes text_dim={model_config.text_dim}; the cache's text "
+                         f"encoder gives {cache.null_text.shape[1]}: set model.overrides.text_dim")
+    model = build_model(model_config)
+    if config.init_from is not None:
+        from trainer.checkpoint import resolve_export
+        from trainer.export import read_exported
+        from trainer.inheritance import inherit_weights
+
+        export_uri, _ = resolve_export(config.init_from)
+        logger.info("init_from: inheriting the weights of %s", export_uri)
+        inherit_weights(model, read_exported(export_uri)[0])  # logs what it took and what it left fresh
+    return model
