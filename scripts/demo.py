@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     if evaluation:
         print(f"  evaluation    : {evaluation.get('report_uri')}: FID {evaluation['fid']:.2f}, "
               f"KID {evaluation['kid_mean']:.4f}, digit accuracy {evaluation.get('digit_accuracy', float('nan')):.2f}")
+        per_digit = evaluation.get("digit_accuracy_per_digit", {})
+        if per_digit:
+            print("  per digit     : " + ", ".join(f"{digit}: {accuracy:.0%}" for digit, accuracy in per_digit.items()))
     print(f"  dashboard     : {summary['dashboard']}")
     print(f"  summary       : {Path(args.out).resolve() / SUMMARY_FILE}")
     return 0

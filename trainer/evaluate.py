@@ -174,7 +174,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run the evaluation and write the report; returns it."""
     from services import storage
     from trainer.checkpoint import resolve_export
-    from trainer.evaluation.digit_classifier import digit_accuracy
+    from trainer.evaluation.digit_classifier import digit_accuracy, per_digit_accuracy
     from trainer.evaluation.features import DigitFeatures, build_features, reference_digits
 
     started = time.perf_counter()
@@ -189,6 +189,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if isinstance(features, DigitFeatures):
         digits = reference_digits(prompts)
         metrics["digit_accuracy"] = digit_accuracy(features.classifier, generated, digits)
+        metrics["digit_accuracy_per_digit"] = per_digit_accuracy(features.classifier, generated, digits)
+        metrics["images_per_digit"] = {str(d): int((digits == d).sum()) for d in sorted(set(digits.tolist()))}
         metrics["digit_accuracy_reference"] = digit_accuracy(features.classifier, reference, digits)
     metrics["clip_score"] = clip_score(config.clip_model, generated, prompts) if config.clip_model else None
     report = {

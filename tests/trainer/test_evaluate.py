@@ -14,7 +14,12 @@ from services.cache.writer import UnitShardWriter, write_null_text
 from services.encoders import build_codec
 from trainer.checkpoint import resolve_export
 from trainer.evaluate import EvalConfig, distribution_metrics, evaluate, generate_chunk
-from trainer.evaluation.digit_classifier import digit_accuracy, digit_of_caption, fit_digit_classifier
+from trainer.evaluation.digit_classifier import (
+    digit_accuracy,
+    digit_of_caption,
+    fit_digit_classifier,
+    per_digit_accuracy,
+)
 from trainer.evaluation.features import FeatureExtractorError, build_features
 from trainer.export import save_exported_model
 from trainer.models import build_model
@@ -42,6 +47,21 @@ def held_out_images(digits) -> torch.Tensor:
 def test_classifier_fitted_on_held_out_digits_reads_the_training_digits(digits, held_out_images):
     classifier = fit_digit_classifier(held_out_images, digits.held_out_labels)
     assert digit_accuracy(classifier, digit_images(digits.train_ink), digits.train_labels) > 0.9
+
+
+def test_per_digit_accuracy_shows_the_one_digit_drawn_as_another(digits, held_out_images):
+    classifier = fit_digit_classifier(held_out_images, digits.held_out_labels)
+    # real 0s..8s asked for as themselves, and real 3s standing in for every 9 (the demo's old failure)
+    keep = digits.train_labels != 9
+    threes = digits.train_ink[digits.train_labels == 3]
+    images = digit_images(np.concatenate([digits.train_ink[keep], threes]))
+    asked = np.concatenate([digits.train_labels[keep], np.full(len(threes), 9)])
+    per_digit = per_digit_accuracy(classifier, images, asked)
+    assert list(per_digit) == [str(d) for d in range(10)]
+    assert per_digit["9"] < 0.1
+    assert min(per_digit[str(d)] for d in range(9)) > 0.85
+    overall = digit_accuracy(classifier, images, asked)
+    assert overall == pytest.approx(sum(per_digit[str(d)] * (asked == d).sum() for d in range(10)) / len(asked))
 
 
 def test_caption_digit_is_read_from_the_demo_caption_and_none_elsewhere():
@@ -133,4 +153,10 @@ def test_evaluate_writes_fid_kid_and_digit_accuracy_next_to_the_checkpoint(tmp_p
     assert metrics["fid"] > 0 and metrics["kid_mean"] == pytest.approx(report["metrics"]["kid_mean"])
     assert metrics["digit_accuracy_reference"] > 0.9  # the classifier knows the reference digits
     assert metrics["digit_accuracy"] < 0.5  # an untrained model draws no digits
+    asked = digits.held_out_labels[:60]
+    assert metrics["images_per_digit"] == {str(d): int((asked == d).sum()) for d in sorted(set(asked.tolist()))}
+    per_digit = metrics["digit_accuracy_per_digit"]
+    assert list(per_digit) == list(metrics["images_per_digit"])
+    assert sum(per_digit[d] * n for d, n in metrics["images_per_digit"].items()) / 60 == pytest.approx(
+        metrics["digit_accuracy"])
     assert metrics["clip_score"] is None

@@ -96,3 +96,14 @@ def digit_accuracy(classifier: DigitClassifier, images: torch.Tensor, digits: to
     """Fraction of images the classifier reads as the given digits."""
     digits = torch.as_tensor(digits, dtype=torch.long)
     return float((classifier.predict(images) == digits).float().mean())
+
+
+def per_digit_accuracy(classifier: DigitClassifier, images: torch.Tensor,
+                       digits: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """For each digit asked for, the fraction of its images read as it, keyed "0".."9" (JSON keys).
+
+    The overall figure can hide one digit drawn as another (a 9 that reads as a 3), so the report keeps each.
+    """
+    digits = torch.as_tensor(digits, dtype=torch.long)
+    correct = classifier.predict(images) == digits
+    return {str(digit): float(correct[digits == digit].float().mean()) for digit in sorted(set(digits.tolist()))}
