@@ -130,13 +130,13 @@ def encode_plan(out_uri: str, options: argparse.Namespace) -> dict[str, Any]:
     """What `run_encode` does before encoding: check the cache, take the lease, plan (clearing stale shards)."""
     from pipelines.job import check_cache_matches, partition_units, plan_units
     from pipelines.lease import WriterLease
-    from services.cache.manifest import write_plan
+    from services.cache.manifest import ProgressRecords, write_plan
 
     job, card, selection = _encode_job(out_uri)
     units = partition_units(job, selection)
     check_cache_matches(job, card)
     with WriterLease(job.output.uri, job.partition, job.lease):
-        to_run, done = plan_units(job, units)
+        to_run, done = plan_units(job, units, ProgressRecords(job.output.uri))
         write_null_text(job.output.uri, card.null_text)
         write_plan(job.output.uri, [unit.name for unit in selection])
     return {"to_run": len(to_run), "done": len(done)}
@@ -151,9 +151,10 @@ def status(out_uri: str, options: argparse.Namespace) -> dict[str, Any]:
 
 def publish(out_uri: str, options: argparse.Namespace) -> dict[str, Any]:
     from pipelines.job import publish_manifest
+    from services.cache.manifest import ProgressRecords
 
     job, card, _ = _encode_job(out_uri)
-    card_written = publish_manifest(job, card)
+    card_written = publish_manifest(job, card, ProgressRecords(out_uri))
     return {"shards": len(card_written.shards), "samples": card_written.num_samples}
 
 
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=8, help="ranks of the train job's epoch plan")
     parser.add_argument("--batch-per-rank", type=int, default=32)
     parser.add_argument("--window-shards", type=int, default=4, help="data.shuffle_window_shards")
-    parser.add_argument("--eval-samples", type=int, default=400, help="the evaluation's num_samples")
+    parser.add_argument("--eval-samples", type=int,
+                        help="the evaluation's num_samples (default: one unit's samples, all of one bucket)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="processes writing the cache")
     parser.add_argument("--threads", type=int, default=8, help="threads per writing process (overlapping puts)")
     parser.add_argument("--keep", action="store_true", help="leave the caches in the bucket")
@@ -304,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", nargs="+", choices=sorted(OPERATIONS), help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
+    options.eval_samples = options.eval_samples or options.shards_per_unit * options.samples_per_shard
 
     if options.measure:  # measurements in a process of their own
-        # Imported first, so that no operation's time or peak includes them.
+        # Imported and used first, so that no operation's time or peak includes the imports or the S3 client's
+        # first use (botocore loading its service model).
         import pipelines.job  # noqa: F401
         import pipelines.lease  # noqa: F401
         import services.cache.status  # noqa: F401
@@ -314,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         import trainer.data  # noqa: F401
         import trainer.evaluate  # noqa: F401
 
+        storage.exists(options.cache)
         print(json.dumps([measure(operation, options.cache, options) for operation in options.measure]))
         return 0
     with tempfile.TemporaryDirectory(prefix="hybriddit-bench-") as scratch, \
