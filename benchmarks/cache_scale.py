@@ -20,6 +20,7 @@ log(t2/t1) / log(n2/n1), 1 = linear in shards, 2 = quadratic.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -89,10 +90,14 @@ def write_chunk(out_uri: str, indices: list[int], shards_per_unit: int, samples_
                                                samples_per_shard=samples_per_shard), indices))
 
 
-def write_units(pool: ProcessPoolExecutor, processes: int, out_uri: str, indices: range, *, shards_per_unit: int,
-                samples_per_shard: int, threads: int) -> float:
-    """Write the units split over `processes` processes (encoding the tars is CPU work); returns the seconds taken."""
+def write_units(pool: ProcessPoolExecutor | None, processes: int, out_uri: str, indices: range, *,
+                shards_per_unit: int, samples_per_shard: int, threads: int) -> float:
+    """Write the units split over `processes` processes (encoding the tars is CPU work), or in this process
+    without a pool; returns the seconds it took."""
     started = time.perf_counter()
+    if pool is None:
+        write_chunk(out_uri, list(indices), shards_per_unit, samples_per_shard, threads)
+        return time.perf_counter() - started
     chunks = [list(indices[i::processes]) for i in range(processes)]
     futures = [pool.submit(write_chunk, out_uri, chunk, shards_per_unit, samples_per_shard, threads)
                for chunk in chunks if chunk]
@@ -267,7 +272,14 @@ def record(results: dict[str, list[dict[str, Any]]], size: dict[str, int], rows:
               f"{row['peak_mib']:.1f} MiB, {row['detail']}", flush=True)
 
 
-def run_sizes(prefix: str, pool: ProcessPoolExecutor, options: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+def writers(processes: int) -> contextlib.AbstractContextManager[ProcessPoolExecutor | None]:
+    """A pool of `processes` spawned writer processes, or none for one (the writing then runs in this one)."""
+    if processes == 1:
+        return contextlib.nullcontext()
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+
+
+def run_sizes(prefix: str, pool: ProcessPoolExecutor | None, options: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = {operation: [] for operation in HALF_OPERATIONS + FULL_OPERATIONS}
     for shards in options.shards:
         units = max(2, shards // options.shards_per_unit)
@@ -292,7 +304,7 @@ def run_sizes(prefix: str, pool: ProcessPoolExecutor, options: argparse.Namespac
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, nargs="+", default=[500, 1500, 5000], help="cache sizes, in shards")
-    parser.add_argument("--samples-per-shard", type=int, default=50)
+    parser.add_argument("--samples-per-shard", type=int, default=20)
     parser.add_argument("--shards-per-unit", type=int, default=2, help="fragments (shards) per input unit")
     parser.add_argument("--world-size", type=int, default=8, help="ranks of the train job's epoch plan")
     parser.add_argument("--batch-per-rank", type=int, default=32)
@@ -323,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="hybriddit-bench-") as scratch, \
             s3_bucket(Path(scratch), "cache-scale") as prefix, \
-            ProcessPoolExecutor(options.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            writers(options.processes) as pool:
         print(f"{options.samples_per_shard} samples per shard, {options.shards_per_unit} shards per unit, "
               f"{len(BUCKETS)} buckets; train plan: {options.world_size} ranks x {options.batch_per_rank}, "
               f"shuffle windows of {options.window_shards} shards; on {prefix}", flush=True)
