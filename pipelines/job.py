@@ -27,9 +27,9 @@ from services import storage
 from services.cache import layout
 from services.cache.manifest import (
     CacheManifest,
+    ProgressRecords,
     UnitProgress,
     build_manifest,
-    list_progress,
     read_manifest,
     write_manifest,
     write_plan,
@@ -99,6 +99,8 @@ def check_cache_matches(job: EncodeJobConfig, card: EncoderCard) -> None:
 
 def delete_stale_shards(out_uri: str, units: list[str]) -> int:
     """Remove shards left by unfinished earlier attempts of `units`; returns how many were deleted."""
+    if not units:
+        return 0  # nothing to run: no need to list every shard of the cache
     stems = {safe_stem(unit) for unit in units}
     deleted = 0
     for uri in storage.list_uris(storage.join(out_uri, layout.SHARDS_DIR), recursive=True):
@@ -109,10 +111,11 @@ def delete_stale_shards(out_uri: str, units: list[str]) -> int:
     return deleted
 
 
-def plan_units(job: EncodeJobConfig, units: list[InputUnit]) -> tuple[list[InputUnit], list[UnitProgress]]:
+def plan_units(job: EncodeJobConfig, units: list[InputUnit],
+               records: ProgressRecords) -> tuple[list[InputUnit], list[UnitProgress]]:
     """(units to run, units already finished); clears what the units to run left behind before."""
     out = job.output.uri
-    finished = {progress.unit: progress for progress in list_progress(out)}
+    finished = {progress.unit: progress for progress in records.read()}
     if job.overwrite:
         for unit in units:
             # Progress first: a run killed in between sees the unit unfinished and redoes it.
@@ -132,14 +135,15 @@ def _finished(progresses: list[UnitProgress]) -> set[tuple[str, datetime]]:
     return {(progress.unit, progress.finished_at) for progress in progresses}
 
 
-def publish_manifest(job: EncodeJobConfig, card: EncoderCard) -> CacheManifest:
+def publish_manifest(job: EncodeJobConfig, card: EncoderCard, records: ProgressRecords) -> CacheManifest:
     """The dataset card over every finished unit in the cache (this run's, earlier ones, other partitions').
 
     Jobs sharing a cache may publish at the same time, and the last write wins: after writing, the
     progress records are listed again and the card rewritten until it covers all of them, so the
-    last card written never misses a unit that finished before it.
+    last card written never misses a unit that finished before it. `records` fetches only the
+    records that are new since it last read them.
     """
-    progresses = list_progress(job.output.uri)
+    progresses = records.read()
     while True:
         manifest = build_manifest(
             job.output.uri, codec=card.codec, latent_channels=card.latent_channels, latent_scale=card.latent_scale,
@@ -148,7 +152,7 @@ def publish_manifest(job: EncodeJobConfig, card: EncoderCard) -> CacheManifest:
             job_config=job.model_dump(mode="json"), progresses=progresses,
         )  # fmt: skip
         write_manifest(job.output.uri, manifest)
-        latest = list_progress(job.output.uri)
+        latest = records.read()
         if _finished(latest) == _finished(progresses):
             return manifest
         progresses = latest
@@ -172,8 +176,9 @@ def run_encode(
     selection = selected_units(job) if units is None else units
     units = partition_units(job, selection)
     check_cache_matches(job, card)
+    records = ProgressRecords(job.output.uri)  # read when planning and publishing, each record fetched once
     with WriterLease(job.output.uri, job.partition, job.lease) as lease:
-        to_run, done = plan_units(job, units)
+        to_run, done = plan_units(job, units, records)
         write_null_text(job.output.uri, card.null_text)
         write_plan(job.output.uri, [unit.name for unit in selection])  # the same plan from every partition
         logger.info("%d units selected, %d already finished, %d to run", len(units), len(done), len(to_run))
@@ -197,7 +202,7 @@ def run_encode(
         for unit, reason in failed.items():
             logger.error("unit %s did not finish (%s); the next run redoes it", unit, reason)
         lease.check()
-        manifest = publish_manifest(job, card)
+        manifest = publish_manifest(job, card, records)
     written = sum(progress.samples_written for progress in ledger.finished)
     failures: Counter = Counter()
     for progress in ledger.finished:

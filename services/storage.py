@@ -468,6 +468,31 @@ def list_uris(prefix_uri: str, recursive: bool = False, config: StorageConfig | 
     return sorted(_uri_like(prefix_uri, protocol, item.rstrip("/")) for item in paths)
 
 
+def _object_version(info: dict[str, Any]) -> str | None:
+    """What changes whenever an object is rewritten: S3's ETag, a local file's size, mtime and inode; else None."""
+    if info.get("ETag"):
+        return str(info["ETag"])
+    if "mtime" in info:
+        return f"{info.get('size')}-{info['mtime']}-{info.get('ino')}"
+    return None
+
+
+def list_versions(prefix_uri: str, config: StorageConfig | None = None) -> dict[str, str | None]:
+    """The direct children of a prefix (files only), sorted, each with its version (see `_object_version`).
+
+    One listing says which objects changed since an earlier one, so a reader can fetch only those.
+    """
+    fs, path = filesystem(prefix_uri, config)
+    protocol, _ = split_uri(prefix_uri)
+    try:
+        infos = retry_transient(lambda: fs.ls(path, detail=True), prefix_uri, "list", config)
+    except StorageNotFoundError:
+        return {}  # an empty prefix, as S3 sees it
+    files = {_uri_like(prefix_uri, protocol, info["name"]): _object_version(info)
+             for info in infos if info["type"] != "directory"}
+    return dict(sorted(files.items()))
+
+
 def delete(uri: str, recursive: bool = False, config: StorageConfig | None = None) -> None:
     """Remove an object (or everything under a prefix if recursive); a missing one is not an error."""
     fs, path = filesystem(uri, config)

@@ -95,13 +95,36 @@ def read_progress(out_uri: str, unit: str) -> UnitProgress | None:
     return UnitProgress.model_validate(storage.read_json(uri))
 
 
+class ProgressRecords:
+    """The cache's progress records, each fetched once: a later `read()` lists the folder again and fetches only
+    the records added or rewritten since (by the object version the listing gives, e.g. S3's ETag).
+
+    The encode job reads them when it plans and again, more than once, when it publishes the manifest;
+    with one of these for the whole run, that costs a listing per read plus one GET per record in all,
+    not one GET per record per read.
+    """
+
+    def __init__(self, out_uri: str) -> None:
+        self.out_uri = out_uri
+        self._known: dict[str, tuple[str | None, UnitProgress]] = {}  # record URI -> (its version when read, the record)
+
+    def read(self) -> list[UnitProgress]:
+        """Every finished unit's progress record, sorted by unit name."""
+        versions = {uri: version for uri, version in storage.list_versions(layout.progress_dir_uri(self.out_uri)).items()
+                    if uri.endswith(".json")}
+        stale = [uri for uri, version in versions.items() if version is None or uri not in self._known
+                 or self._known[uri][0] != version]
+        # One small GET per record: on S3 with ~1,600 units, reading them side by side matters.
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            fetched = list(pool.map(lambda uri: UnitProgress.model_validate(storage.read_json(uri)), stale))
+        self._known = {uri: self._known[uri] for uri in versions if uri in self._known}  # deleted records go
+        self._known.update({uri: (versions[uri], record) for uri, record in zip(stale, fetched, strict=True)})
+        return sorted((record for _, record in self._known.values()), key=lambda record: record.unit)
+
+
 def list_progress(out_uri: str) -> list[UnitProgress]:
     """Every finished unit's progress record, sorted by unit name."""
-    uris = [uri for uri in storage.list_uris(layout.progress_dir_uri(out_uri)) if uri.endswith(".json")]
-    # One small GET per unit: on S3 with ~1,600 units, reading them side by side matters.
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        records = list(pool.map(lambda uri: UnitProgress.model_validate(storage.read_json(uri)), uris))
-    return sorted(records, key=lambda record: record.unit)
+    return ProgressRecords(out_uri).read()
 
 
 def write_plan(out_uri: str, units: list[str]) -> None:

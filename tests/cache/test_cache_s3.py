@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
+from services import storage
 from services.cache import layout
 from services.cache.manifest import (
+    ProgressRecords,
     UnitProgress,
     build_manifest,
     list_progress,
@@ -58,3 +61,39 @@ def test_cache_written_to_s3_streams_back_every_sample_and_reports_status(s3_ser
     assert load_null_text(layout.null_text_uri(out)).shape == (1, 32)
     assert main(["status", out, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 7
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_progress_records_read_again_fetch_only_the_records_added_or_rewritten_since(where, s3_server, tmp_path,
+                                                                                     monkeypatch):
+    out = str(tmp_path / "cache") if where == "local" else s3_server.uri("progress-records")
+    fetched: list[str] = []
+    real_read_json = storage.read_json
+
+    def counting_read_json(uri, config=None):
+        fetched.append(uri.rsplit("/", 1)[-1])
+        return real_read_json(uri, config)
+
+    monkeypatch.setattr(storage, "read_json", counting_read_json)
+
+    def record(unit: str, samples: int) -> UnitProgress:
+        return UnitProgress(unit=unit, input_uri=f"s3://in/{unit}", shards=[], samples_written=samples, seconds=1.0)
+
+    for unit in ("u1", "u2", "u3"):
+        write_progress(out, record(unit, 1))
+    records = ProgressRecords(out)
+    assert [progress.unit for progress in records.read()] == ["u1", "u2", "u3"]
+    assert sorted(fetched) == ["u1.json", "u2.json", "u3.json"]
+
+    fetched.clear()
+    assert [progress.unit for progress in records.read()] == ["u1", "u2", "u3"]
+    assert fetched == []  # nothing changed: one listing, no GET
+
+    write_progress(out, record("u2", 5))  # the unit was redone
+    write_progress(out, record("u4", 1))
+    storage.delete(storage.join(out, "_progress", "u1.json"))
+    fetched.clear()
+    assert [(progress.unit, progress.samples_written) for progress in records.read()] == [("u2", 5), ("u3", 1),
+                                                                                         ("u4", 1)]
+    assert sorted(fetched) == ["u2.json", "u4.json"]
+    assert records.read() == list_progress(out)

@@ -35,6 +35,7 @@ from pipelines.ledger import UnitLedger
 from pipelines.local_loop import LocalEncoder, run_local
 from pipelines.preprocess import PreprocessConfig
 from pipelines.sources.base import InputUnit, RawSample
+from services import storage
 from services.cache.manifest import list_progress, read_manifest, read_plan, read_progress, shard_uris
 from services.cache.reader import SkipCounter, read_samples
 from services.cache.schema import npy_bytes, npy_view
@@ -273,6 +274,35 @@ def test_rerun_of_an_unfinished_unit_deletes_its_stale_shards_and_keeps_one_copy
     keys = [sample.key for sample in cached_samples(tmp_path / "out")]
     assert (summary.units_already_done, summary.units_finished) == (2, 1)
     assert not stale.exists() and sorted(keys) == sorted(set(keys)) and len(keys) == 7
+
+
+def test_a_resumed_run_fetches_each_progress_record_once_from_planning_to_publishing(folder, tmp_path, monkeypatch):
+    job = job_config(folder, tmp_path / "out")
+    run_local(job)
+    units = [unit.name for unit in selected_units(job)]
+    (tmp_path / "out/_progress" / f"{units[0]}.json").unlink()  # as if killed before its progress was written
+    fetched: list[str] = []
+    real_read_json = storage.read_json
+
+    def counting_read_json(uri, config=None):
+        if "/_progress/" in str(uri):
+            fetched.append(Path(uri).stem)
+        return real_read_json(uri, config)
+
+    monkeypatch.setattr(storage, "read_json", counting_read_json)
+    summary = run_local(job)
+    assert (summary.units_already_done, summary.units_finished, summary.cache_samples) == (2, 1, 7)
+    assert sorted(fetched) == sorted(units)  # two when planning, the redone one when publishing
+
+
+def test_delete_stale_shards_lists_no_shard_when_no_unit_is_to_run(tmp_path, monkeypatch):
+    (tmp_path / "shards/8x8").mkdir(parents=True)
+    (tmp_path / "shards/8x8" / "a-000000-0000.tar").write_bytes(b"x")
+    listed: list[str] = []
+    real_list_uris = storage.list_uris
+    monkeypatch.setattr(storage, "list_uris", lambda uri, **kwargs: listed.append(uri) or real_list_uris(uri, **kwargs))
+    assert delete_stale_shards(str(tmp_path), []) == 0
+    assert listed == [] and (tmp_path / "shards/8x8" / "a-000000-0000.tar").exists()
 
 
 def test_overwrite_redoes_finished_units(folder, tmp_path):
