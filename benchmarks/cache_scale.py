@@ -182,6 +182,7 @@ def epoch_plan(out_uri: str, options: argparse.Namespace) -> dict[str, Any]:
 
 def resume_90(out_uri: str, options: argparse.Namespace) -> dict[str, Any]:
     """Rank 0 of a train job resumed at 90% of epoch 0: index, plan, skip, and its first batch read from S3."""
+    from services.cache import layout
     from services.cache.reader import load_null_text
     from trainer import data
 
@@ -191,7 +192,7 @@ def resume_90(out_uri: str, options: argparse.Namespace) -> dict[str, Any]:
     start = data.DataPosition(0, int(0.9 * steps), options.world_size, options.batch_per_rank)
     stream = data.TrainingStream(shards, seed=0, rank=0, world_size=options.world_size,
                                  batch_per_rank=options.batch_per_rank, window_shards=options.window_shards,
-                                 placeholder_text=load_null_text(out_uri), start=start)
+                                 placeholder_text=load_null_text(layout.null_text_uri(out_uri)), start=start)
     batch = next(iter(stream))
     assert batch["weights"].sum() == options.batch_per_rank, "the resumed batch holds placeholders"
     return {"start_batch": start.batches, "position": stream.position.batches}
