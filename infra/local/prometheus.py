@@ -100,7 +100,8 @@ class PrometheusServer:
         for directory in (self.state_dir, self.data_dir, self.log_file.parent):
             make_private_dir(directory)
         config = render_config(self.discovery_file, self.listen_address, self.settings.scrape_interval)
-        write_private_text(self.config_file, yaml.safe_dump(config, sort_keys=False))
+        header = f"# Rendered from {SHIPPED_CONFIG} at every start (edit that file): only the addresses differ.\n"
+        write_private_text(self.config_file, header + yaml.safe_dump(config, sort_keys=False))
         cmd = [
             str(binary),
             f"--config.file={self.config_file}",
