@@ -20,7 +20,7 @@ from infra.local.prometheus import PrometheusServer, PrometheusSettings, prometh
 from services import storage
 from services.cache.manifest import shard_uris
 from tests.fixtures.browser import Chromium, needs_chromium
-from tests.fixtures.corpora import make_bad_input_corpus, make_folder_corpus
+from tests.fixtures.corpora import PHOTOS, make_bad_input_corpus, make_folder_corpus
 from tests.fixtures.dashboards import DASHBOARDS, queries, substitute, template_values
 from tests.fixtures.ray_cluster import REPO, RayCluster, new_submission_id, running_cluster
 from tests.pipelines.test_encode_job import deprecation_notices, encode_args, summary_of
@@ -34,6 +34,7 @@ SCRAPE_SECONDS = 1
 REPORT_ENV = {"RAY_metrics_report_interval_ms": "1000"}
 JOB_TIMEOUT_S = 420
 PAGE_RELOAD_S = 20
+PHOTO_COPIES = 6
 # The encode graph's stages (pipelines/graph.py) as the Ray dashboard names its Ray Data operators.
 ENCODE_OPERATORS = ("read_unit", "ImageEncoderActor", "TextEncoderActor", "ShardFragmentWriter")
 RAY_AUTH_COOKIE = "ray-authentication-token"  # ray._private.authentication.authentication_constants
@@ -122,11 +123,17 @@ def encode_run(watched, s3_server) -> Iterator[tuple[JobRun, dict, dict[str, str
     cluster = watched.cluster
     corpus = watched.state / "corpus"
     expected = {**make_bad_input_corpus(corpus), **dict.fromkeys(make_folder_corpus(corpus))}
+    # Enough images that on an idle machine, too, the writes span several scrapes.
+    for copy in range(1, PHOTO_COPIES):
+        for photo in PHOTOS:
+            for suffix in (".jpg", ".txt"):
+                (corpus / f"{photo.name}_{copy}{suffix}").write_bytes((corpus / f"{photo.name}{suffix}").read_bytes())
+            expected[f"{photo.name}_{copy}"] = None
     out = s3_server.uri("watched", "cache")
     submission_id = new_submission_id("encode-watched")
     log_path = watched.state / "encode.log"
     started = time.time()
-    source = {"kind": "folder", "root": str(corpus), "files_per_unit": 4}
+    source = {"kind": "folder", "root": str(corpus), "files_per_unit": 8}
     one_by_one = ["--set", "codec.batch_size=1", "--set", "text.batch_size=1", "--set", "output.fragment_samples=1"]
     job, log = submit_in_background(cluster, encode_args(source, out, *one_by_one), log_path, submission_id)
     try:
