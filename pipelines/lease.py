@@ -29,12 +29,12 @@ from pydantic import ValidationError
 
 from pipelines.config import LeaseConfig, PartitionConfig
 from services import storage
+from services.cache.layout import LEASE_FILE
 from services.config import StrictModel
 
 logger = logging.getLogger(__name__)
 
 LEASE_FORMAT = "hybriddit.lease/1"
-LEASE_FILE = re.compile(r"^_lease(?:\.(?P<index>\d+)-of-(?P<count>\d+))?\.json$")
 
 
 class LeaseHeldError(RuntimeError):

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 TORCH_SPEC=${HYBRIDDIT_TORCH_SPEC:-torch==2.13.0}
+# Before the stamp check: a venv that is up to date still gets the system packages it lacks.
+bash scripts/system_packages.sh
 stamp=.venv/.installed
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)-$TORCH_SPEC
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

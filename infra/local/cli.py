@@ -43,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     result = {"up": stack.up, "down": stack.down, "status": stack.status}[args.action]()
     print(json.dumps(result, indent=2))
     if args.action == "up":
+        prometheus = result["prometheus"]
         print(
             f"\nRay dashboard: {result['ray']['dashboard']}\n"
+            f"Prometheus: {prometheus['url'] if prometheus['running'] else 'not running (not installed)'}\n"
             f"Point a shell at the stack with: source {result['env_file']}  (or: hybriddit exec -- CMD)"
         )
     return 0

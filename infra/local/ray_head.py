@@ -120,6 +120,11 @@ class RayHead:
         return self.private_temp_root / "r"
 
     @property
+    def metrics_discovery_file(self) -> Path:
+        """Prometheus file_sd targets (every node's metrics endpoint) that the head keeps current."""
+        return self.temp_dir / "session_latest" / "prom_metrics_service_discovery.json"
+
+    @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.dashboard_port}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,11 +10,13 @@ from pydantic import Field
 
 from infra.local.credentials import S3Credentials, make_private_dir, write_private_text
 from infra.local.netns import only_loopback
+from infra.local.prometheus import INSTALL_HINT, PrometheusServer, PrometheusSettings, prometheus_binary
 from infra.local.ray_head import RayHead, RaySettings
 from infra.local.ray_workers import RayWorkerNode, RayWorkerSettings, worker_nodes
 from infra.local.seaweedfs import SeaweedInternalPorts, SeaweedS3
 from services.config import StrictModel
 
+log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR_ENV = "HYBRIDDIT_STACK_DIR"
 
@@ -27,6 +30,7 @@ class StackSettings(StrictModel):
     s3_internal_ports: SeaweedInternalPorts = Field(default_factory=SeaweedInternalPorts)
     ray: RaySettings = Field(default_factory=RaySettings)
     workers: RayWorkerSettings = Field(default_factory=RayWorkerSettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
 
 
 class LocalStack:
@@ -49,6 +53,9 @@ class LocalStack:
             head_settings = head_settings.model_copy(update={"num_cpus": 0})
         self.ray = RayHead(state / "ray", head_settings, workdir=REPO_ROOT)
         self.ray_workers = worker_nodes(state / "ray", settings.workers, head=self.ray, workdir=REPO_ROOT)
+        self.prometheus = PrometheusServer(
+            state / "prometheus", settings.prometheus, discovery_file=self.ray.metrics_discovery_file
+        )
 
     @classmethod
     def from_env(cls) -> LocalStack:
@@ -71,12 +78,18 @@ class LocalStack:
         self.ray.start(node_env)
         for node in self.ray_workers:
             node.start(node_env)
+        # Optional: without Prometheus the jobs still run, only the dashboards' metric views stay empty.
+        if prometheus_binary() is None:
+            log.warning(INSTALL_HINT)
+        else:
+            self.prometheus.start()
         return self.status()
 
     def down(self) -> dict:
         # Worker nodes found by their PID files, also those of an earlier `up` with more of them.
         workers = self._started_workers()
         stopped = {
+            "prometheus": self.prometheus.stop(),
             **{f"ray_{node.label}": node.stop() for node in workers},
             "ray": self.ray.stop(),
             "s3": self.s3.stop(),
@@ -136,6 +149,12 @@ class LocalStack:
                     {"label": node.label, "pid": node.pid(), "node_id": node.node_id() if node.pid() else None}
                     for node in self._started_workers()
                 ],
+            },
+            "prometheus": {
+                "running": self.prometheus.pid() is not None,
+                "pid": self.prometheus.pid(),
+                "url": self.prometheus.url,
+                "installed": prometheus_binary() is not None,
             },
             "env_file": str(self.env_file),
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from services import storage
 from services.cache.names import safe_stem
 
@@ -10,6 +12,8 @@ PLAN = "_plan.json"
 PROGRESS_DIR = "_progress"
 SHARDS_DIR = "shards"
 NULL_TEXT = "null_text.npy"
+# The encode job's writer lease: `_lease.json`, or `_lease.<index>-of-<count>.json` for a partition of the units.
+LEASE_FILE = re.compile(r"^_lease(?:\.(?P<index>\d+)-of-(?P<count>\d+))?\.json$")
 
 
 def bucket_name(height: int, width: int) -> str:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
+from infra.local.prometheus import render_config
 from services.metrics import EXPORTED_SERIES, METRICS
+from tests.fixtures.dashboards import DASHBOARDS, queries
 from tests.infra.conftest import REPO
 
-DASHBOARDS = sorted((REPO / "infra/grafana/dashboards").glob("*.json"))
 QUERIED_SERIES = re.compile(r"\bray_hybriddit_[A-Za-z0-9_]+")
 
 
@@ -20,12 +23,7 @@ def load_yaml(relative: str):
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
-    return [
-        (path.name, target["expr"])
-        for path in DASHBOARDS
-        for panel in json.loads(path.read_text())["panels"]
-        for target in panel["targets"]
-    ]
+    return [(query.dashboard, query.expr) for path in DASHBOARDS for query in queries(path)]
 
 
 def test_prometheus_discovers_ray_nodes_from_the_heads_session_folder(services):
@@ -35,6 +33,24 @@ def test_prometheus_discovers_ray_nodes_from_the_heads_session_folder(services):
     assert discovery_file == "/tmp/ray/session_latest/prom_metrics_service_discovery.json"
     mounted = {mount.split(":")[1] for mount in services["prometheus"]["volumes"]}
     assert "/tmp/ray" in mounted
+
+
+def test_the_local_stacks_prometheus_runs_the_shipped_config_with_only_its_addresses_changed():
+    shipped = load_yaml("infra/prometheus/prometheus.yml")
+    rendered = render_config(Path("/tmp/r/session_latest/sd.json"), "127.0.0.1:19090")
+    jobs = {job["job_name"]: job for job in rendered["scrape_configs"]}
+    assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/tmp/r/session_latest/sd.json"]
+    assert jobs["prometheus"]["static_configs"][0]["targets"] == ["127.0.0.1:19090"]
+    restored = copy.deepcopy(rendered)
+    restored["scrape_configs"][0]["file_sd_configs"][0]["files"] = shipped["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    restored["scrape_configs"][1]["static_configs"] = shipped["scrape_configs"][1]["static_configs"]
+    assert restored == shipped
+
+
+def test_a_shorter_scrape_interval_applies_to_scrapes_rules_and_discovery():
+    rendered = render_config(Path("/sd.json"), "127.0.0.1:19090", scrape_interval="1s")
+    assert rendered["global"] == {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    assert rendered["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] == "1s"
 
 
 def test_prometheus_container_mounts_this_config(services):

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -18,6 +20,7 @@ from infra.local.ray_head import RayHead, RaySettings
 from infra.local.seaweedfs import SeaweedInternalPorts, free_port_with_grpc_twin
 
 REPO = Path(__file__).resolve().parents[2]
+ROOT_ON_DEBIAN = os.geteuid() == 0 and Path("/etc/debian_version").exists()
 HYBRIDDIT = [sys.executable, "-m", "services.cli"]
 
 
@@ -32,6 +35,7 @@ def free_stack_overrides(state_dir: Path) -> list[str]:
         "ray.client_port": free_port(),
         "ray.metrics_export_port": free_port(),
         "ray.dashboard_agent_port": free_port(),
+        "prometheus.port": free_port(),
     }
     settings = [f"state_dir={state_dir}", f"ray.object_store_memory_bytes={256 << 20}", "workers.num_cpus=1",
                 f"workers.object_store_memory_bytes={256 << 20}"]  # fmt: skip
@@ -73,12 +77,28 @@ def assert_state_is_private(state_dir: Path) -> None:
     ray_temp_root = RayHead(state_dir / "ray", RaySettings(), workdir=REPO).private_temp_root
     assert (ray_temp_root / "r" / "session_latest").exists(), "the Ray head did not use its private temp root"
     private = [state_dir, state_dir / "seaweedfs", state_dir / "seaweedfs/data", state_dir / "ray", ray_temp_root]
+    if (state_dir / "prometheus").exists():
+        private += [state_dir / "prometheus", state_dir / "prometheus/data"]
     modes = {str(path): oct(path.stat().st_mode & 0o777) for path in private}
     assert modes == {str(path): "0o700" for path in private}
 
 
 def stack_pid_files(status: dict) -> list[str]:
-    return ["seaweedfs/seaweedfs.pid", "ray/ray.pid", *(f"ray/{node['label']}.pid" for node in status["ray"]["workers"])]
+    prometheus = ["prometheus/prometheus.pid"] if status["prometheus"]["running"] else []
+    return ["seaweedfs/seaweedfs.pid", "ray/ray.pid", *(f"ray/{node['label']}.pid" for node in status["ray"]["workers"]),
+            *prometheus]  # fmt: skip
+
+
+def scraped_ray_nodes(prometheus_url: str, timeout: float = 120.0) -> int:
+    """How many Ray nodes the stack's Prometheus scrapes (found through Ray's service discovery file)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"{prometheus_url}/api/v1/targets", timeout=10) as response:
+            targets = json.loads(response.read())["data"]["activeTargets"]
+        up = [target for target in targets if target["labels"]["job"] == "ray" and target["health"] == "up"]
+        if len(up) >= 3 or time.monotonic() > deadline:
+            return len(up)
+        time.sleep(2)
 
 
 def test_stack_up_twice_with_two_worker_nodes_submit_job_loopback_only_then_down(stack_overrides):
@@ -87,6 +107,9 @@ def test_stack_up_twice_with_two_worker_nodes_submit_job_loopback_only_then_down
         first = hybriddit_stack("up", up)
         second = hybriddit_stack("up", up)
         assert first["s3"]["running"] and first["ray"]["running"]
+        # Where scripts/bootstrap.sh installs Prometheus (root on Debian, as CI), the stack runs it.
+        assert first["prometheus"]["running"] == first["prometheus"]["installed"]
+        assert first["prometheus"]["installed"] or not ROOT_ON_DEBIAN
         workers = first["ray"]["workers"]
         assert [node["label"] for node in workers] == ["worker-1", "worker-2"]
         assert all(node["pid"] and node["node_id"] for node in workers), workers
@@ -101,6 +124,8 @@ def test_stack_up_twice_with_two_worker_nodes_submit_job_loopback_only_then_down
         ]
         assert len(weed_processes) == 1
         assert_state_is_private(Path(first["state_dir"]))
+        if first["prometheus"]["running"]:
+            assert scraped_ray_nodes(first["prometheus"]["url"]) == 3  # the head and both worker nodes
 
         job = subprocess.run(
             [
@@ -140,8 +165,9 @@ def test_stack_up_twice_with_two_worker_nodes_submit_job_loopback_only_then_down
                     assert is_loopback(conn.raddr.ip), (pid, conn)
     finally:
         down = hybriddit_stack("down", stack_overrides)
-    assert down["stopped"] == {"ray_worker-1": True, "ray_worker-2": True, "ray": True, "s3": True}
-    assert not down["s3"]["running"] and not down["ray"]["running"]
+    assert down["stopped"] == {"prometheus": first["prometheus"]["running"], "ray_worker-1": True,
+                               "ray_worker-2": True, "ray": True, "s3": True}  # fmt: skip
+    assert not down["s3"]["running"] and not down["ray"]["running"] and not down["prometheus"]["running"]
     assert down["ray"]["workers"] == []  # their PID files are gone with them
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

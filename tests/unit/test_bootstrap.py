@@ -14,6 +14,8 @@ import tomllib
 REPO = Path(__file__).resolve().parents[2]
 STAMP = REPO / ".venv" / ".installed"
 BOOTSTRAP = REPO / "scripts" / "bootstrap.sh"
+SYSTEM_PACKAGES = REPO / "scripts" / "system_packages.sh"
+ROOT_ON_DEBIAN = os.geteuid() == 0 and Path("/etc/debian_version").exists()
 
 
 @pytest.mark.skipif(not STAMP.exists(), reason="runs only in a checkout bootstrapped by scripts/bootstrap.sh")
@@ -36,6 +38,26 @@ def test_the_first_install_brings_numpy_at_the_project_pin_together_with_torch()
     assert [extracted] == pinned
     installs = [line for line in script.splitlines() if re.match(r"\s*(PIP_CONSTRAINT=\S+ )?quiet_pip install", line)]
     assert installs[0].strip() == 'quiet_pip install -q "$TORCH_SPEC" "$numpy_spec"'
+
+
+def test_the_bootstrap_installs_the_system_packages_before_it_looks_at_the_venv():
+    # An up-to-date .venv ends the bootstrap early: the packages must be seen to first.
+    lines = [line.strip() for line in BOOTSTRAP.read_text().splitlines()]
+    assert lines.index("bash scripts/system_packages.sh") < next(i for i, line in enumerate(lines) if "$stamp" in line)
+
+
+@pytest.mark.skipif(not ROOT_ON_DEBIAN, reason="installs Debian packages only when run as root on Debian")
+def test_as_root_on_debian_prometheus_and_chromium_are_installed_and_a_second_run_prints_nothing():
+    first = subprocess.run(["bash", str(SYSTEM_PACKAGES)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr
+    assert shutil.which("prometheus") and shutil.which("chromium")
+    second = subprocess.run(["bash", str(SYSTEM_PACKAGES)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (second.returncode, second.stdout, second.stderr) == (0, "", "")
+
+
+def test_the_package_install_is_quiet_and_brings_no_recommends():
+    (install,) = [line for line in SYSTEM_PACKAGES.read_text().splitlines() if "apt-get install -" in line]
+    assert "-qq" in install and "--no-install-recommends" in install and "-y" in install
 
 
 @pytest.mark.slow
