@@ -17,16 +17,17 @@ import pytest
 
 from infra.local.processes import free_port
 from infra.local.prometheus import PrometheusServer, PrometheusSettings, prometheus_binary
+from pipelines.demo.photos import PHOTOS, write_photo_folder
+from pipelines.demo.synthetic_cache import write_tiny_cache
 from services import storage
 from services.cache.manifest import shard_uris
 from tests.fixtures.browser import Chromium, needs_chromium
-from tests.fixtures.corpora import PHOTOS, make_bad_input_corpus, make_folder_corpus
+from tests.fixtures.corpora import make_bad_input_corpus
 from tests.fixtures.dashboards import DASHBOARDS, queries, substitute, template_values
 from tests.fixtures.ray_cluster import REPO, RayCluster, new_submission_id, running_cluster
 from tests.pipelines.test_encode_job import deprecation_notices, encode_args, summary_of
 from tests.trainer.test_train_job import summary_of as train_summary_of
 from tests.trainer.test_train_job import train_argv
-from tests.trainer.tiny_cache import write_tiny_cache
 
 SCRAPE_SECONDS = 1
 # Ray's processes hand what they record to their node's exporter every second (default 10 s): a scrape
@@ -122,7 +123,7 @@ def encode_run(watched, s3_server) -> Iterator[tuple[JobRun, dict, dict[str, str
     """
     cluster = watched.cluster
     corpus = watched.state / "corpus"
-    expected = {**make_bad_input_corpus(corpus), **dict.fromkeys(make_folder_corpus(corpus))}
+    expected = {**make_bad_input_corpus(corpus), **dict.fromkeys(write_photo_folder(corpus))}
     # Enough images that on an idle machine, too, the writes span several scrapes.
     for copy in range(1, PHOTO_COPIES):
         for photo in PHOTOS:
