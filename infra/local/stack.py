@@ -110,7 +110,6 @@ class LocalStack:
         """What every job on this stack needs: storage endpoint and keys, loopback-only collectives."""
         env = {
             **self.client_env(),
-            "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1",
             "TORCHINDUCTOR_CACHE_DIR": str(self.settings.state_dir / "inductor-cache"),
         }
         env.pop("RAY_ADDRESS")
@@ -128,6 +127,9 @@ class LocalStack:
             "RAY_ADDRESS": self.ray.gcs_address,
             "RAY_API_SERVER_ADDRESS": self.ray.dashboard_url,
             **self.ray.auth_env(),
+            # torchao's prebuilt kernels target CUDA builds of torch: beside the CPU build each import
+            # prints "Failed to load ... .so" for every one of them, in jobs and in clients that generate.
+            "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1",
         }
         if only_loopback():
             env["GLOO_SOCKET_IFNAME"] = "lo"

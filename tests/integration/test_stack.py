@@ -150,6 +150,10 @@ def test_stack_up_twice_with_two_worker_nodes_submit_job_loopback_only_then_down
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         # The head only coordinates; each worker node brings its own CPU.
         assert "cpus 2.0 nodes [('head', 0), ('worker-1', 1.0), ('worker-2', 1.0)]" in job.stdout, job.stdout[-2000:]
+        # A client that generates in process (the demo, `hybriddit exec -- python ...`) imports torchao too.
+        client = subprocess.run([sys.executable, "-c", "import torchao"], capture_output=True, text=True, timeout=300,
+                                cwd=REPO, env={**os.environ, **stack_client_env(stack_overrides)})  # fmt: skip
+        assert client.returncode == 0 and "Failed to load" not in client.stdout + client.stderr, client.stderr[-2000:]
 
         stack_pids = [pid for leader in pids for pid in session_pids(leader)]
         wildcard_ok = only_loopback()  # 0.0.0.0 reaches nothing but `lo` inside a loopback-only namespace
