@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -90,14 +91,18 @@ def stack_pid_files(status: dict) -> list[str]:
 
 
 def scraped_ray_nodes(prometheus_url: str, timeout: float = 120.0) -> int:
-    """How many Ray nodes the stack's Prometheus scrapes (found through Ray's service discovery file)."""
+    """How many Ray nodes the stack's Prometheus has node metrics from (targets found through Ray's discovery file).
+
+    Counted by a node-level metric, not by targets: the discovery file also lists the head's dashboard and
+    autoscaler exporters, which come up on their own schedule.
+    """
+    query = urllib.parse.quote("count by (instance) (ray_node_mem_total)")
     deadline = time.monotonic() + timeout
     while True:
-        with urllib.request.urlopen(f"{prometheus_url}/api/v1/targets", timeout=10) as response:
-            targets = json.loads(response.read())["data"]["activeTargets"]
-        up = [target for target in targets if target["labels"]["job"] == "ray" and target["health"] == "up"]
-        if len(up) >= 3 or time.monotonic() > deadline:
-            return len(up)
+        with urllib.request.urlopen(f"{prometheus_url}/api/v1/query?query={query}", timeout=10) as response:
+            nodes = len(json.loads(response.read())["data"]["result"])
+        if nodes >= 3 or time.monotonic() > deadline:
+            return nodes
         time.sleep(2)
 
 
