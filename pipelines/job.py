@@ -58,9 +58,20 @@ class JobSummary(BaseModel):
     failures: dict[str, int]
     bytes_written: int
     seconds: float
-    images_per_second: float
+    images_per_second: float  # from the first unit scheduled to the last written
+    # The time until the first sample is written (on Ray: workers started, encoders loaded) and the rate after it:
+    # what a corpus of millions of images sees, where the startup is paid once.
+    startup_seconds: float
+    steady_images_per_second: float
     cache_samples: int
     cache_bytes_per_sample: float
+
+
+def steady_rate(first_written: tuple[float, int] | None, samples_written: int, ended: float, overall: float) -> float:
+    """Samples per second after the first written account; the overall rate when nothing came after it."""
+    if first_written is None or samples_written == first_written[1] or ended <= first_written[0]:
+        return overall
+    return (samples_written - first_written[1]) / (ended - first_written[0])
 
 
 def selected_units(job: EncodeJobConfig) -> list[InputUnit]:
@@ -185,6 +196,7 @@ def run_encode(
         ledger = UnitLedger(to_run)
         bar = tqdm(total=len(to_run), unit="unit", desc="encode", disable=not job.progress_bar, mininterval=2.0)
         run_started = time.monotonic()
+        first_written: tuple[float, int] | None = None  # (when, samples written by then)
         with bar:
             for account in execute(to_run, card) if to_run else ():
                 progress = ledger.record(account)
@@ -192,18 +204,22 @@ def run_encode(
                     lease.check()
                     write_progress(job.output.uri, progress)
                     bar.update(1)
+                if first_written is None and ledger.samples_written:
+                    first_written = (time.monotonic(), ledger.samples_written)
                 rate = ledger.samples_written / max(time.monotonic() - run_started, 1e-9)
                 bar.set_postfix(samples=ledger.samples_written, dropped=sum(ledger.failures.values()),
                                 img_s=f"{rate:.1f}", refresh=False)  # fmt: skip
                 if on_rate is not None:
                     on_rate(rate)
         failed = ledger.close()
-        run_seconds = time.monotonic() - run_started
+        run_ended = time.monotonic()
+        run_seconds = run_ended - run_started
         for unit, reason in failed.items():
             logger.error("unit %s did not finish (%s); the next run redoes it", unit, reason)
         lease.check()
         manifest = publish_manifest(job, card, records)
     written = sum(progress.samples_written for progress in ledger.finished)
+    overall_rate = written / max(run_seconds, 1e-9)
     failures: Counter = Counter()
     for progress in ledger.finished:
         failures.update(progress.failures)
@@ -217,7 +233,9 @@ def run_encode(
         failures=dict(sorted(failures.items())),
         bytes_written=sum(shard.num_bytes for progress in ledger.finished for shard in progress.shards),
         seconds=time.monotonic() - started,
-        images_per_second=written / max(run_seconds, 1e-9),
+        images_per_second=overall_rate,
+        startup_seconds=first_written[0] - run_started if first_written else run_seconds,
+        steady_images_per_second=steady_rate(first_written, ledger.samples_written, run_ended, overall_rate),
         cache_samples=manifest.num_samples,
         cache_bytes_per_sample=manifest.num_bytes / max(manifest.num_samples, 1),
     )

@@ -100,6 +100,7 @@ def test_finet2i_tars_become_a_cache_with_every_key_once_faithful_latents_and_te
     samples = cached(out)
     assert sorted(sample.key for sample in samples) == sorted(record["__key__"] for record in records)
     assert summary["samples_written"] == len(records) and summary["failures"] == {}
+    assert 0 < summary["startup_seconds"] <= summary["seconds"] and summary["steady_images_per_second"] > 0
     codec = build_codec("taef2")
     text_encoder = build_text_encoder("minilm")
     config = PreprocessConfig(resolution=RESOLUTION, min_size=32)

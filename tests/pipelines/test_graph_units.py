@@ -381,3 +381,12 @@ def test_partitioned_jobs_share_one_corpus_and_the_last_manifest_covers_every_un
 def test_a_partition_index_outside_the_count_is_refused(folder, tmp_path):
     with pytest.raises(ValueError, match=r"partition.index \(2\) must be < partition.count \(2\)"):
         job_config(folder, tmp_path / "out", partition={"index": 2, "count": 2})
+
+
+def test_the_steady_rate_counts_only_what_was_written_after_the_first_sample():
+    from pipelines.job import steady_rate
+
+    # 16 samples at t=20 s (after the startup), 64 in all at t=28 s: 48 samples in 8 s.
+    assert steady_rate((20.0, 16), 64, 28.0, overall=2.0) == 6.0
+    assert steady_rate((20.0, 16), 16, 28.0, overall=2.0) == 2.0  # nothing after the first: the overall rate
+    assert steady_rate(None, 0, 28.0, overall=0.0) == 0.0
