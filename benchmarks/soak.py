@@ -46,6 +46,7 @@ ENCODE_CONFIG = "configs/demo/encode.yaml"
 TRAIN_CONFIG = "configs/demo/train.yaml"
 STEP_LINE = re.compile(r"step (\d+): loss=")
 MIB = 1 << 20
+SHELLS = {"sh", "bash"}  # the job supervisor's `sh -c <entrypoint>` wrappers: nothing of theirs can grow
 
 
 @dataclass
@@ -56,28 +57,43 @@ class Trace:
     memory: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
-def ray_processes() -> dict[str, psutil.Process]:
-    """Every Ray worker process (title `ray::...`) and each process it started, keyed 'title [pid]'."""
+def ray_processes(temp_dir: Path) -> dict[str, psutil.Process]:
+    """Every process the Ray head's raylet started (workers, actors, agents) and theirs (the job's driver, the
+    trainer's loader), keyed 'title [pid]'; other Ray clusters on the machine are left out."""
     found: dict[str, psutil.Process] = {}
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        title = " ".join(process.info["cmdline"] or [])
-        if title.startswith("ray::"):
-            found[f"{title.split()[0]} [{process.pid}]"] = process
-            for child in process.children(recursive=True):
-                found[f"{title.split()[0]}/child [{child.pid}]"] = child
+    for raylet in psutil.process_iter(["name", "cmdline"]):
+        if raylet.info["name"] != "raylet" or str(temp_dir) not in " ".join(raylet.info["cmdline"] or []):
+            continue
+        for process in raylet.children(recursive=True):
+            try:
+                if process.name() in SHELLS:
+                    continue
+                found[f"{process_title(process)} [{process.pid}]"] = process
+            except psutil.Error:
+                continue  # it exited while being listed
     return found
 
 
-def sample_while(job: subprocess.Popen, progress: Callable[[], float], every: float) -> Trace:
+def process_title(process: psutil.Process) -> str:
+    """`ray::<actor or task>` for a Ray worker; the script (or the program) for anything else."""
+    command = process.cmdline()
+    if command and command[0].startswith("ray::"):
+        return command[0].split()[0]
+    scripts = [Path(part).name for part in command if part.endswith(".py")]
+    return scripts[0] if scripts else Path(command[0]).name if command else process.name()
+
+
+def sample_while(job: subprocess.Popen, temp_dir: Path, progress: Callable[[], float], every: float) -> Trace:
     """Sample until the job's process exits."""
     trace, started = Trace(), time.monotonic()
     while job.poll() is None:
         now = time.monotonic() - started
-        for name, process in ray_processes().items():
+        for name, process in ray_processes(temp_dir).items():
             try:
-                trace.memory.setdefault(name, []).append((now, process.memory_info().rss / MIB))
+                rss = process.memory_info().rss / MIB
             except psutil.Error:
                 continue  # it exited between listing and reading
+            trace.memory.setdefault(name, []).append((now, rss))
         try:
             trace.progress.append((now, progress()))
         except Exception as error:  # noqa: BLE001 - a progress read failing mid-run is reported, not fatal
@@ -202,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             job = submit(head, env, "pipelines/encode_latents.py", ENCODE_CONFIG, {
                 "source.root": scratch / "digits", "source.files_per_unit": args.files_per_unit, "output.uri": cache,
             }, log)  # fmt: skip
-            trace = sample_while(job, encoded_samples(cache), args.sample_every)
+            trace = sample_while(job, head.temp_dir, encoded_samples(cache), args.sample_every)
             finish(job, log, "encode")
             results["encode"] = verdict(trace, args.warmup)
             report(f"encode ({args.images} images)", results["encode"], "images/s")
@@ -215,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 "checkpoint.uri": f"s3://{BUCKET}/checkpoints", "max_steps": args.steps,
                 "checkpoint.every_steps": args.checkpoint_every, "validation.every_steps": args.checkpoint_every,
             }, log)  # fmt: skip
-            trace = sample_while(job, last_step(log), args.sample_every)
+            trace = sample_while(job, head.temp_dir, last_step(log), args.sample_every)
             finish(job, log, "train")
             results["train"] = verdict(trace, args.warmup)
             report(f"train ({args.steps} steps)", results["train"], "steps/s")
