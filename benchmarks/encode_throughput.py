@@ -24,7 +24,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -32,6 +31,9 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from benchmarks.private_stack import start_services  # noqa: E402
+from services.third_party_notices import QUIET_TORCHAO_ENV  # noqa: E402
+
+os.environ.update(QUIET_TORCHAO_ENV)  # before anything imports torchao
 from pipelines.encode_latents import SUMMARY_PREFIX  # noqa: E402
 
 REFERENCE_TEXT_TOKENS = 384

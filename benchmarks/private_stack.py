@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from services.third_party_notices import QUIET_TORCHAO_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +22,7 @@ def start_services(scratch: Path, *, bucket: str = "bench", num_cpus: int = 2,
     s3.start(timeout=60)
     s3.ensure_bucket(bucket)
     env = {**os.environ, **credentials.as_env(), "AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_REGION": "us-east-1",
-           "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"}  # fmt: skip
+           **QUIET_TORCHAO_ENV}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     os.environ.update({key: env[key] for key in ("AWS_ENDPOINT_URL", "AWS_REGION", *credentials.as_env())})
     settings = RaySettings.on_free_ports(num_cpus=num_cpus, object_store_memory_bytes=object_store_bytes)

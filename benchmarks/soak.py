@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -40,6 +39,9 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from benchmarks.private_stack import start_services  # noqa: E402
+from services.third_party_notices import QUIET_TORCHAO_ENV  # noqa: E402
+
+os.environ.update(QUIET_TORCHAO_ENV)  # before anything imports torchao
 
 BUCKET = "soak"
 ENCODE_CONFIG = "configs/demo/encode.yaml"

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import logging
 
+# Set in every job, node and client environment the project starts: torchao's prebuilt kernels target CUDA
+# builds of torch, and beside the CPU build each import prints "Failed to load ... .so" for every one of
+# them; FP8 training (torchao.float8) does not use them.
+QUIET_TORCHAO_ENV = {"TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"}
+
 HARMLESS_NOTICES = {
-    # The stack sets TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1 on purpose: torchao's prebuilt kernels
-    # target CUDA builds of torch and fail to load beside the CPU build; FP8 training does not need them.
+    # ... which makes torchao say that it skipped them:
     "torchao": "Skipping import of cpp extensions due to TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1",
     # torchao 0.18 registers its Enums as pytree constants, which torch 2.13 supports natively and
     # warns about on every import; nothing in this project calls register_constant.

@@ -19,6 +19,7 @@ if str(REPO_ROOT) not in sys.path:  # `python trainer/train.py` from the repo ro
 
 from services import storage  # noqa: E402
 from services.config import dump_config, load_config  # noqa: E402
+from services.third_party_notices import QUIET_TORCHAO_ENV  # noqa: E402
 from trainer.config import TrainJobConfig  # noqa: E402
 
 logger = logging.getLogger("trainer.train")
@@ -28,13 +29,14 @@ logger = logging.getLogger("trainer.train")
 # cluster on a host that runs several. Keys are not among them: a runtime_env is shown in the dashboard, and every
 # node of a cluster gets its credentials from its own environment (the local stack's head, a Kubernetes Secret).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
-                 storage.RETRY_DEADLINE_ENV, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES",
+                 storage.RETRY_DEADLINE_ENV, *QUIET_TORCHAO_ENV,
                  "TORCHINDUCTOR_CACHE_DIR", "GLOO_SOCKET_IFNAME", "RAY_ADDRESS")
 
 
 def worker_env() -> dict[str, str]:
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    env.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    for name, value in QUIET_TORCHAO_ENV.items():
+        env.setdefault(name, value)
     return env
 
 

@@ -15,6 +15,7 @@ from infra.local.ray_head import RayHead, RaySettings
 from infra.local.ray_workers import RayWorkerNode, RayWorkerSettings, worker_nodes
 from infra.local.seaweedfs import SeaweedInternalPorts, SeaweedS3
 from services.config import StrictModel
+from services.third_party_notices import QUIET_TORCHAO_ENV
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -127,9 +128,7 @@ class LocalStack:
             "RAY_ADDRESS": self.ray.gcs_address,
             "RAY_API_SERVER_ADDRESS": self.ray.dashboard_url,
             **self.ray.auth_env(),
-            # torchao's prebuilt kernels target CUDA builds of torch: beside the CPU build each import
-            # prints "Failed to load ... .so" for every one of them, in jobs and in clients that generate.
-            "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1",
+            **QUIET_TORCHAO_ENV,
         }
         if only_loopback():
             env["GLOO_SOCKET_IFNAME"] = "lo"

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from services.third_party_notices import HARMLESS_NOTICES, DropNotice
+from services.third_party_notices import HARMLESS_NOTICES, QUIET_TORCHAO_ENV, DropNotice
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def import_torchao(prelude: str) -> str:
-    env = {**os.environ, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"}
+    env = {**os.environ, **QUIET_TORCHAO_ENV}
     done = subprocess.run([sys.executable, "-c", f"{prelude}import torchao"], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=300, check=True)  # fmt: skip
     return done.stdout + done.stderr
