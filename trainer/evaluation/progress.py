@@ -49,34 +49,47 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
     return text
 
 
-def progress_image(rows: dict[int, list[Image.Image]], prompts: Sequence[str]) -> Image.Image:
-    """A labelled grid: a row per training step (oldest on top), a column per prompt, on white."""
-    if not rows:
-        raise ValueError("no sample grids to assemble: the run wrote none yet (samples.prompts, samples.every_steps)")
-    first = next(iter(rows.values()))[0]
+def labelled_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], headers: Sequence[str], *, title: str = "",
+                  notes: Sequence[Sequence[str]] | None = None, label_width: int = LABEL_WIDTH) -> Image.Image:
+    """Image tiles on white: a label left of each row, a header over each column, an optional title line and a note
+    under each tile (`notes[row][column]`). Small tiles are enlarged (nearest) to at least MIN_TILE pixels."""
+    first = rows[0][1][0]
     scale = max(1, -(-MIN_TILE // min(first.size)))
     tile_w, tile_h = first.width * scale, first.height * scale
-    columns = max(len(images) for images in rows.values())
+    columns = max(len(images) for _, images in rows)
     font = ImageFont.load_default(size=FONT_SIZE)
-    title, headers = shared_words(prompts[:columns])
-    header_h = 2 * (FONT_SIZE + 2 * MARGIN) if title else FONT_SIZE + 2 * MARGIN
-    canvas = Image.new("RGB", (LABEL_WIDTH + columns * (tile_w + MARGIN) + MARGIN,
-                               header_h + len(rows) * (tile_h + MARGIN) + MARGIN), "white")
+    line = FONT_SIZE + 2 * MARGIN
+    header_h = (2 if title else 1) * line
+    row_h = tile_h + MARGIN + (line if notes else 0)
+    canvas = Image.new("RGB", (label_width + columns * (tile_w + MARGIN) + MARGIN, header_h + len(rows) * row_h + MARGIN),
+                       "white")
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((LABEL_WIDTH, MARGIN), _fit(draw, f"prompts: {title} …", canvas.width - LABEL_WIDTH, font),
-                  fill="black", font=font)
+        draw.text((label_width, MARGIN), _fit(draw, title, canvas.width - label_width, font), fill="black", font=font)
     for column, header in enumerate(headers):
-        left = LABEL_WIDTH + column * (tile_w + MARGIN)
-        draw.text((left + tile_w / 2, header_h - MARGIN), _fit(draw, header, tile_w, font), fill="black", font=font,
-                  anchor="md")
-    for row, (step, images) in enumerate(rows.items()):
-        top = header_h + row * (tile_h + MARGIN)
-        draw.text((LABEL_WIDTH - 2 * MARGIN, top + tile_h / 2), f"step {step}", fill="black", font=font, anchor="rm")
+        centre = label_width + column * (tile_w + MARGIN) + tile_w / 2
+        draw.text((centre, header_h - MARGIN), _fit(draw, header, tile_w, font), fill="black", font=font, anchor="md")
+    for row, (label, images) in enumerate(rows):
+        top = header_h + row * row_h
+        draw.text((label_width - 2 * MARGIN, top + tile_h / 2), _fit(draw, label, label_width - 3 * MARGIN, font),
+                  fill="black", font=font, anchor="rm")
         for column, image in enumerate(images):
-            canvas.paste(image.resize((tile_w, tile_h), Image.Resampling.NEAREST),
-                         (LABEL_WIDTH + column * (tile_w + MARGIN), top))
+            left = label_width + column * (tile_w + MARGIN)
+            canvas.paste(image.resize((tile_w, tile_h), Image.Resampling.NEAREST), (left, top))
+            if notes:
+                draw.text((left + tile_w / 2, top + tile_h + MARGIN), _fit(draw, notes[row][column], tile_w, font),
+                          fill="black", font=font, anchor="ma")
     return canvas
+
+
+def progress_image(rows: dict[int, list[Image.Image]], prompts: Sequence[str]) -> Image.Image:
+    """The sample grids as one image: a row per training step (oldest on top), a column per prompt."""
+    if not rows:
+        raise ValueError("no sample grids to assemble: the run wrote none yet (samples.prompts, samples.every_steps)")
+    columns = max(len(images) for images in rows.values())
+    shared, headers = shared_words(prompts[:columns])
+    return labelled_grid([(f"step {step}", images) for step, images in rows.items()], headers,
+                         title=f"prompts: {shared} …" if shared else "")
 
 
 def png_bytes(image: Image.Image) -> bytes:
