@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,8 @@ from trainer.evaluation.photo_recall import (
 )
 from trainer.inputs import resolve_cache
 from trainer.loop import TrainingRun
+
+REPO = Path(__file__).resolve().parents[2]
 
 PIXEL_CODEC = {"name": "pixel", "tiny": False, "factor": 4}  # 32 px photos -> 48 x 8 x 8, lossless
 MINILM = {"name": "minilm", "tiny": False}  # the real pretrained MiniLM from its wheel, 384-d
@@ -114,3 +118,23 @@ def test_each_photo_comes_back_from_its_own_caption_and_not_from_another(tmp_pat
     assert modes["wrong_caption"]["recall_at_1_psnr"] == 0.0  # each is nearest the photo its caption names
     assert modes["caption"]["mean_psnr"] > modes["wrong_caption"]["mean_psnr"] + 3
     assert modes["caption"]["mean_psnr"] > modes["unconditional"]["mean_psnr"]
+
+
+def test_the_photo_run_configs_fit_the_photos_the_codec_and_the_text_encoder():
+    from pipelines.config import EncodeJobConfig
+    from services.config import load_config
+    from trainer.models import build_model
+
+    configs = REPO / "configs" / "photos"
+    encode = load_config(EncodeJobConfig, configs / "encode.yaml")
+    train = load_config(TrainJobConfig, configs / "train.yaml")
+    recall = load_config(PhotoRecallConfig, configs / "recall.yaml")
+    assert encode.output.uri in train.data.uris and recall.reference_uri == encode.output.uri
+    assert recall.checkpoint == train.checkpoint.uri
+    assert train.samples.prompts == [photo.caption for photo in PHOTOS]
+    model = build_model({**build_model(train.model.preset).config.model_dump(), **train.model.overrides}).config
+    codec = build_codec(name=encode.codec.name)
+    assert (model.latent_channels, model.latent_size * codec.spec.downscale) == (codec.spec.latent_channels,
+                                                                                  encode.preprocess.resolution)
+    assert model.text_dim == 384 and encode.text.name == "minilm"  # MiniLM's width
+    assert train.batch_size == len(PHOTOS) and train.cfg_dropout > 0  # every photo each step; a null-text model
