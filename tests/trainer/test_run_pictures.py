@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+import torch
 from PIL import Image
 
 from pipelines.demo.synthetic_cache import write_tiny_cache
@@ -69,3 +72,21 @@ def test_prompts_sharing_their_first_words_are_headed_by_what_differs():
 def test_a_run_without_sample_grids_has_no_progress_image_to_make():
     with pytest.raises(ValueError, match="samples.prompts"):
         progress_image({}, PROMPTS)
+
+
+def test_the_pictures_of_a_run_on_s3_are_drawn_from_its_grids_and_validations_there(s3_server):
+    from trainer.generation import write_images
+
+    root = s3_server.uri("pictures", "run")
+    for step in (5, 10):
+        images = torch.full((2, 3, 16, 16), step / 25)  # grey tiles: 0.2 at step 5, 0.4 at step 10
+        write_images(storage.join(root, "samples", f"step_{step:07d}"), PROMPTS, images)
+    pictures = RunPictures(root, PROMPTS, "s3-run")
+    pictures.record_validation(5, {"val_loss_t0.50": 1.0, "val_loss": 1.0})
+    pictures.record_validation(10, {"val_loss_t0.50": 0.5, "val_loss": 0.5})
+    assert [entry["step"] for entry in storage.read_json(storage.join(root, VALIDATION_FILE))] == [5, 10]
+    progress = Image.open(io.BytesIO(storage.read_bytes(pictures.assemble_progress())))
+    assert list(sample_rows(storage.join(root, "samples"))) == [5, 10]
+    right, bottom = progress.width - 2 * MARGIN - 1, progress.height - 2 * MARGIN - 1
+    assert progress.getpixel((right, bottom)) == (102, 102, 102)  # the newest row's last tile: step 10's 0.4
+    assert Image.open(io.BytesIO(storage.read_bytes(storage.join(root, VALIDATION_PLOT)))).size[0] > 300
