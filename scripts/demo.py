@@ -5,7 +5,8 @@
 Builds the demo corpus from data shipped in installed packages (pipelines/demo/corpus.py), submits
 the encode job twice (training folder, held-out digits) and the train job with `ray job submit`,
 generates ten images of each digit from the final checkpoint, submits the evaluation job, and prints
-where the cache, checkpoints, sample grid and report are, the dashboard URL and each stage's time.
+where the cache, checkpoints, sample grid, the run's progress image and validation-loss plot and the
+report are, the dashboard URL and each stage's time.
 Run it where the stack's environment is set (`hybriddit exec --`, or after `source .stack/env`).
 """
 
@@ -157,8 +158,13 @@ def run_demo(args: argparse.Namespace) -> dict:
                                   ["trainer/train.py", "--config", str(CONFIGS / "train.yaml"), *train_overrides], logs))
 
     from trainer.checkpoint import resolve_export
+    from trainer.validation import PROGRESS_IMAGE, VALIDATION_PLOT
 
     export, _ = resolve_export(checkpoints)
+    pictures = {}  # the train job's own pictures of the run, copied beside the demo's other outputs
+    for name, file in (("progress_image", PROGRESS_IMAGE), ("val_loss_plot", VALIDATION_PLOT)):
+        storage.download_file(storage.join(checkpoints, file), out / file)
+        pictures[name] = str(out / file)
     samples = out / "samples"
     shutil.rmtree(samples, ignore_errors=True)
     prompts = [digit_caption(digit) for digit in range(10) for _ in range(SAMPLES_PER_DIGIT)]
@@ -187,6 +193,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "export": export,
         "samples": str(samples),
         "sample_grid": str(grid),
+        **pictures,
         "evaluation": evaluation,
         "dashboard": dashboard,
         "worker_nodes": nodes,
@@ -217,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  latent caches : {summary['caches']['train']} (train), {summary['caches']['heldout']} (held out)")
     print(f"  checkpoints   : {summary['checkpoints']} (export used: {summary['export']})")
     print(f"  sample grid   : {summary['sample_grid']}")
+    print(f"  training      : {summary['progress_image']} (the sample grids of the run, a row per step), "
+          f"{summary['val_loss_plot']} (held-out loss per noise level)")
     if evaluation:
         print(f"  evaluation    : {evaluation.get('report_uri')}: FID {evaluation['fid']:.2f}, "
               f"KID {evaluation['kid_mean']:.4f}, digit accuracy {evaluation.get('digit_accuracy', float('nan')):.2f}")

@@ -9,6 +9,11 @@ Ray tasks for large N). FID/KID compare the two sets in a pluggable feature spac
 CLIP score needs local CLIP weights; with `features: digits` the digit classifier fitted on the
 reference also reports how often a generated image shows the digit its prompt asked for. The report
 is written as `eval.json` next to the checkpoint.
+
+With a `sweep` (lists of CFG scales, samplers and step counts; configs/demo/sweep.yaml) every combination
+generates the same prompts from the same seeds and is scored the same way: `sweep.json` (one row per
+setting) and `sweep.png` (each metric against CFG scale, one line per sampler and step count) go next to
+`eval.json`, whose metrics stay those of `generation`. Without one, `generation` is a sweep of one.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import logging
 import sys
 import time
 import warnings
+from itertools import product
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python trainer/evaluate.py` under `ray job submit`
@@ -36,6 +42,10 @@ from trainer.samplers import SamplerSettings  # noqa: E402
 logger = logging.getLogger("trainer.evaluate")
 
 REPORT_FILE = "eval.json"
+SWEEP_FILE = "sweep.json"
+SWEEP_PLOT = "sweep.png"
+# One velocity per step for Euler, two for Heun, four for RK4 (trainer/samplers.py); CFG doubles each.
+VELOCITIES_PER_STEP = {"euler": 1, "heun": 2, "rk4": 4}
 
 
 class GenerationSettings(SamplerSettings):
@@ -55,6 +65,14 @@ class RaySettings(StrictModel):
     num_gpus: float = Field(0.0, ge=0)
 
 
+class SweepSettings(StrictModel):
+    """Sampling settings crossed with each other; each combination generates the same prompts from the same seeds."""
+
+    cfg: list[Annotated[float, Field(ge=0)]] = Field(min_length=1, description="CFG scales (1 = off)")
+    samplers: list[Literal["euler", "heun", "rk4"]] = Field(min_length=1)
+    steps: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+
+
 class EvalConfig(StrictModel):
     """One evaluation of one checkpoint."""
 
@@ -68,6 +86,7 @@ class EvalConfig(StrictModel):
     kid_subsets: int = Field(100, ge=1)
     clip_model: str | None = Field(None, description="CLIP hub id or local dir for CLIP score; None = skipped")
     generation: GenerationSettings = GenerationSettings()
+    sweep: SweepSettings | None = Field(None, description="settings scored besides `generation` (sweep.json/.png)")
     ray: RaySettings = RaySettings()
     report_uri: str | None = Field(None, description=f"where the report goes; None = {REPORT_FILE} next to the "
                                                      "checkpoint")
@@ -108,23 +127,39 @@ def generate_chunk(export_uri: str, prompts: list[str], settings: GenerationSett
     return to_uint8(generate(pipeline, prompts, settings.model_copy(update={"seed": seed}), (height, width)))
 
 
-def generate_all(config: EvalConfig, export_uri: str, prompts: list[str], height: int, width: int) -> torch.Tensor:
+def generate_all(settings: GenerationSettings, ray_settings: RaySettings, export_uri: str, prompts: list[str],
+                 height: int, width: int) -> torch.Tensor:
     """(N, 3, H, W) generated images in [0, 1]; chunk k is seeded from its first prompt's index either way."""
-    settings = config.generation
-    chunk = settings.batch_size * max(1, -(-len(prompts) // (settings.batch_size * config.ray.tasks)))
-    starts = range(0, len(prompts), chunk if config.ray.enabled else len(prompts))
-    arguments = [(export_uri, prompts[start:start + chunk if config.ray.enabled else None], settings,
+    chunk = settings.batch_size * max(1, -(-len(prompts) // (settings.batch_size * ray_settings.tasks)))
+    starts = range(0, len(prompts), chunk if ray_settings.enabled else len(prompts))
+    arguments = [(export_uri, prompts[start:start + chunk if ray_settings.enabled else None], settings,
                   settings.seed + start, height, width) for start in starts]
-    if config.ray.enabled:
+    if ray_settings.enabled:
         import ray
 
         if not ray.is_initialized():
             ray.init()  # the cluster from RAY_ADDRESS (set by `ray job submit`), else a local one
-        task = ray.remote(generate_chunk).options(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
+        task = ray.remote(generate_chunk).options(num_cpus=ray_settings.num_cpus, num_gpus=ray_settings.num_gpus)
         chunks = ray.get([task.remote(*args) for args in arguments])
     else:
         chunks = [generate_chunk(*args) for args in arguments]
     return torch.from_numpy(np.concatenate(chunks)).permute(0, 3, 1, 2).float() / 255
+
+
+def sweep_settings(config: EvalConfig) -> list[GenerationSettings]:
+    """`generation` first (the headline of eval.json), then each combination of the sweep that differs from it."""
+    settings = [config.generation]
+    if config.sweep is not None:
+        for sampler, steps, cfg in product(config.sweep.samplers, config.sweep.steps, config.sweep.cfg):
+            candidate = config.generation.model_copy(update={"sampler": sampler, "steps": steps, "cfg": cfg})
+            if candidate not in settings:
+                settings.append(candidate)
+    return settings
+
+
+def velocities_per_image(settings: GenerationSettings) -> int:
+    """Model evaluations one image costs: steps x the solver's stages, x2 with CFG (scale 1 runs one branch)."""
+    return settings.steps * VELOCITIES_PER_STEP[settings.sampler] * (1 if settings.cfg == 1.0 else 2)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -170,29 +205,77 @@ def clip_score(model: str, images: torch.Tensor, prompts: list[str], batch: int 
     return float(metric.compute())
 
 
+def score(config: EvalConfig, features: torch.nn.Module, reference_features: torch.Tensor, generated: torch.Tensor,
+          prompts: list[str], digits: torch.Tensor | None) -> dict[str, Any]:
+    """The metrics of one set of generated images: FID/KID, digit accuracy (when `digits`), CLIP score."""
+    from trainer.evaluation.digit_classifier import digit_accuracy, per_digit_accuracy
+
+    metrics: dict[str, Any] = distribution_metrics(reference_features, batched(features, generated),
+                                                   config.kid_subset_size, config.kid_subsets)
+    if digits is not None:
+        metrics["digit_accuracy"] = digit_accuracy(features.classifier, generated, digits)
+        metrics["digit_accuracy_per_digit"] = per_digit_accuracy(features.classifier, generated, digits)
+    metrics["clip_score"] = clip_score(config.clip_model, generated, prompts) if config.clip_model else None
+    return metrics
+
+
+def sibling(uri: str, name: str) -> str:
+    """`name` in the folder of `uri` (local or s3://)."""
+    head, separator, _ = uri.rpartition("/")
+    return head + separator + name
+
+
+def write_sweep(config: EvalConfig, rows: list[dict[str, Any]], export_uri: str, report_uri: str) -> dict[str, str]:
+    """sweep.json (the table) and sweep.png (each metric against CFG scale) next to the report; returns their URIs."""
+    from services import storage
+    from trainer.evaluation.plots import sweep_figure
+
+    uris = {"table": sibling(report_uri, SWEEP_FILE), "plot": sibling(report_uri, SWEEP_PLOT)}
+    storage.write_json(uris["table"], {"export": export_uri, "reference_uri": config.reference_uri,
+                                       "num_samples": config.num_samples, "features": config.features,
+                                       "seed": config.generation.seed, "rows": rows})
+    space = "digit classifier" if config.features == "digits" else config.features
+    panels = [("fid", f"FID ({space} features, lower is better)")]
+    if config.features == "digits":
+        panels.insert(0, ("digit_accuracy", "digit accuracy (read as the prompted digit)"))
+    if config.clip_model:
+        panels.append(("clip_score", "CLIP score"))
+    chosen = config.generation
+    storage.write_bytes(uris["plot"], sweep_figure(
+        rows, panels, chosen={"sampler": chosen.sampler, "steps": chosen.steps, "cfg": chosen.cfg},
+        title=f"{config.num_samples} prompts per setting, the same seeds for each"))
+    return uris
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
-    """Run the evaluation and write the report; returns it."""
+    """Run the evaluation (every setting of the sweep) and write the report; returns it."""
     from services import storage
     from trainer.checkpoint import resolve_export
-    from trainer.evaluation.digit_classifier import digit_accuracy, per_digit_accuracy
+    from trainer.evaluation.digit_classifier import digit_accuracy
     from trainer.evaluation.features import DigitFeatures, build_features, reference_digits
 
     started = time.perf_counter()
     export_uri, report_dir = resolve_export(config.checkpoint)  # the newest step that verifies, as resume takes
     reference, prompts = read_reference(config.reference_uri, config.num_samples)
     height, width = reference.shape[2:]
-    generated = generate_all(config, export_uri, prompts, height, width)
-    generated_seconds = time.perf_counter() - started
     features = build_features(config.features, reference, prompts, **config.feature_options)
-    metrics = distribution_metrics(batched(features, reference), batched(features, generated),
-                                   config.kid_subset_size, config.kid_subsets)
-    if isinstance(features, DigitFeatures):
-        digits = reference_digits(prompts)
-        metrics["digit_accuracy"] = digit_accuracy(features.classifier, generated, digits)
-        metrics["digit_accuracy_per_digit"] = per_digit_accuracy(features.classifier, generated, digits)
+    reference_features = batched(features, reference)
+    digits = reference_digits(prompts) if isinstance(features, DigitFeatures) else None
+    rows = []
+    for settings in sweep_settings(config):
+        began = time.perf_counter()
+        generated = generate_all(settings, config.ray, export_uri, prompts, height, width)
+        seconds = time.perf_counter() - began
+        metrics = score(config, features, reference_features, generated, prompts, digits)
+        rows.append({"sampler": settings.sampler, "steps": settings.steps, "cfg": settings.cfg,
+                     "velocities_per_image": velocities_per_image(settings), "generate_seconds": seconds,
+                     "metrics": metrics})
+        logger.info("%s, %d steps, cfg %g: %s", settings.sampler, settings.steps, settings.cfg, json.dumps(metrics))
+    metrics = dict(rows[0]["metrics"])  # `generation`'s
+    if digits is not None:
         metrics["images_per_digit"] = {str(d): int((digits == d).sum()) for d in sorted(set(digits.tolist()))}
         metrics["digit_accuracy_reference"] = digit_accuracy(features.classifier, reference, digits)
-    metrics["clip_score"] = clip_score(config.clip_model, generated, prompts) if config.clip_model else None
+    report_uri = config.report_uri or storage.join(report_dir, REPORT_FILE)
     report = {
         "checkpoint": config.checkpoint,
         "export": export_uri,
@@ -201,10 +284,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "features": config.features,
         "image_size": [int(width), int(height)],
         "metrics": metrics,
-        "seconds": {"generate": generated_seconds, "total": time.perf_counter() - started},
+        "sweep": write_sweep(config, rows, export_uri, report_uri) if config.sweep is not None else None,
+        "seconds": {"generate": rows[0]["generate_seconds"], "total": time.perf_counter() - started},
         "config": config.model_dump(mode="json"),
     }
-    report_uri = config.report_uri or storage.join(report_dir, REPORT_FILE)
     storage.write_json(report_uri, report)
     report["report_uri"] = report_uri
     logger.info("wrote %s: %s", report_uri, json.dumps(metrics))
@@ -225,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     report = evaluate(config)
-    print("EVAL_REPORT " + json.dumps({"report_uri": report["report_uri"], **report["metrics"]}), flush=True)
+    print("EVAL_REPORT " + json.dumps({"report_uri": report["report_uri"], "sweep": report["sweep"], **report["metrics"]}),
+          flush=True)
     return 0
 
 

@@ -26,7 +26,7 @@ from trainer.models.hybrid_dit import DiTBlock
 from trainer.optim import build_optimizer
 from trainer.precision import apply_activation_checkpointing, convert_to_fp8, precision_for_device
 from trainer.step import Objective, Optimisation, train_step
-from trainer.validation import SAMPLES_DIR, SampleGrids, replica_fingerprints, validation_loss
+from trainer.validation import SAMPLES_DIR, RunPictures, SampleGrids, replica_fingerprints, validation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class TrainingRun:
         self.publisher = ckpt.CheckpointPublisher(config.checkpoint.uri, config.checkpoint.keep_last)
         self.sample_grids = SampleGrids(config.samples, self.cache.codec, self.cache.text_encoder,
                                         storage.join(config.checkpoint.uri, SAMPLES_DIR), device)
+        self.pictures = RunPictures(config.checkpoint.uri, config.samples.prompts, config.run_name)
 
     @property
     def model(self) -> nn.Module:
@@ -216,7 +217,7 @@ class TrainingRun:
         return np.zeros((1, self.model.config.text_dim), np.float32)
 
     def validate(self) -> dict[str, float]:
-        """Held-out loss per t bin of the current weights, reported like the training metrics."""
+        """Held-out loss per t bin of the current weights, reported like the training metrics and plotted by rank 0."""
         config = self.config
         metrics = validation_loss(
             self.model, self.cache.validation_shards, t_grid=config.validation.t_grid,
@@ -224,14 +225,18 @@ class TrainingRun:
             rank=self.context.rank, world_size=self.context.world_size, device=self.context.device,
             precision=self.precision, placeholder_text=self._placeholder_text(), seed=config.seed)
         logger.info("step %d validation: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if self.context.rank == 0:
+            logger.info("validation plot %s", self.pictures.record_validation(self.step, metrics))
         if self.reporter is not None:
             self.reporter({"step": float(self.step), **metrics})
         return metrics
 
     def sample_grid(self) -> None:
-        """Rank 0 renders the fixed prompts with the EMA weights into `<checkpoint uri>/samples/step_NNNNNNN/`."""
+        """Rank 0 renders the fixed prompts with the EMA weights into `<checkpoint uri>/samples/step_NNNNNNN/` and
+        adds them to progress.png."""
         if self.context.rank == 0:
             self.sample_grids.publish(self.ema.module, ckpt.step_dir_name(self.step))
+            logger.info("progress image %s", self.pictures.assemble_progress())
 
     def save(self, stream: TrainingStream) -> None:
         """Checkpoint on rank 0 (every rank takes part in gathering the RNG states)."""

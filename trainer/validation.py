@@ -1,5 +1,5 @@
 """What a run checks about its weights: held-out loss at a fixed grid of t, sample grids from fixed prompts, and
-that DDP replicas agree."""
+that DDP replicas agree; and the pictures of both next to the checkpoints (`RunPictures`)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from trainer.precision import autocast
 logger = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
+VALIDATION_FILE = "validation.json"  # every validation of the run: step and held-out loss per t bin
+VALIDATION_PLOT = "val_loss.png"
+PROGRESS_IMAGE = "progress.png"
 
 
 @torch.no_grad()
@@ -85,6 +88,39 @@ class SampleGrids:
         grid_uri = write_images(storage.join(self.target_uri, step_dir), self.settings.prompts, images)[-1]
         logger.info("wrote sample grid %s", grid_uri)
         return grid_uri
+
+
+class RunPictures:
+    """Rank 0's pictures of a run, redrawn next to the checkpoints after each validation and each sample grid:
+    `validation.json` + `val_loss.png` (held-out loss per t bin against step) and `progress.png` (the sample
+    grids, a row per step). A resumed run keeps the history before its step and redoes the rest.
+    """
+
+    def __init__(self, checkpoint_uri: str, prompts: Sequence[str], run_name: str) -> None:
+        self.checkpoint_uri = checkpoint_uri
+        self.prompts = list(prompts)
+        self.run_name = run_name
+
+    def record_validation(self, step: int, metrics: dict[str, float]) -> str:
+        """Add a validation to the run's history and redraw the plot; returns the plot's URI."""
+        from trainer.evaluation.plots import validation_figure
+
+        history_uri = storage.join(self.checkpoint_uri, VALIDATION_FILE)
+        history = storage.read_json(history_uri) if storage.exists(history_uri) else []
+        history = [entry for entry in history if entry["step"] < step] + [{"step": step, **metrics}]
+        storage.write_json(history_uri, history)
+        plot_uri = storage.join(self.checkpoint_uri, VALIDATION_PLOT)
+        storage.write_bytes(plot_uri, validation_figure(history, title=f"{self.run_name}: held-out loss"))
+        return plot_uri
+
+    def assemble_progress(self) -> str:
+        """progress.png from every sample grid written so far; returns its URI."""
+        from trainer.evaluation.progress import png_bytes, progress_image, sample_rows
+
+        image = progress_image(sample_rows(storage.join(self.checkpoint_uri, SAMPLES_DIR)), self.prompts)
+        uri = storage.join(self.checkpoint_uri, PROGRESS_IMAGE)
+        storage.write_bytes(uri, png_bytes(image))
+        return uri
 
 
 @torch.no_grad()

@@ -160,3 +160,53 @@ def test_evaluate_writes_fid_kid_and_digit_accuracy_next_to_the_checkpoint(tmp_p
     assert sum(per_digit[d] * n for d, n in metrics["images_per_digit"].items()) / 60 == pytest.approx(
         metrics["digit_accuracy"])
     assert metrics["clip_score"] is None
+
+
+def first_of_each_digit(digits, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` held-out digits of each class (the classifier needs every digit)."""
+    keep = np.sort(np.concatenate([np.flatnonzero(digits.held_out_labels == d)[:count] for d in range(10)]))
+    return digits.held_out_ink[keep], digits.held_out_labels[keep]
+
+
+def test_a_sweep_scores_every_setting_on_the_same_prompts_and_plots_them_against_cfg(tmp_path, digits,
+                                                                                   untrained_export):
+    from PIL import Image
+
+    reference = str(tmp_path / "heldout")
+    write_digit_cache(reference, *first_of_each_digit(digits, 4))
+    config = EvalConfig(checkpoint=untrained_export, reference_uri=reference, num_samples=40, features="digits",
+                        kid_subset_size=20, kid_subsets=5, report_uri=str(tmp_path / "report" / "eval.json"),
+                        feature_options={"epochs": 50},
+                        generation={"steps": 2, "cfg": 3.0, "sampler": "heun", "batch_size": 20},
+                        sweep={"cfg": [1.0, 3.0], "samplers": ["euler", "heun"], "steps": [1, 2]})
+    report = evaluate(config)
+    table = storage.read_json(str(tmp_path / "report" / "sweep.json"))
+    settings = [(row["sampler"], row["steps"], row["cfg"]) for row in table["rows"]]
+    # the demo's setting first (it is in the sweep, so scored once), then the other 7 combinations
+    assert settings[0] == ("heun", 2, 3.0) and len(settings) == len(set(settings)) == 8
+    assert table["rows"][0]["metrics"] == {k: v for k, v in report["metrics"].items()
+                                           if k not in ("images_per_digit", "digit_accuracy_reference")}
+    velocities = {setting: row["velocities_per_image"] for setting, row in zip(settings, table["rows"], strict=True)}
+    assert velocities[("euler", 1, 1.0)] == 1 and velocities[("heun", 2, 3.0)] == 8  # 2 steps x 2 stages x CFG
+    for row in table["rows"]:
+        assert row["metrics"]["fid"] > 0 and 0 <= row["metrics"]["digit_accuracy"] <= 1
+        assert set(row["metrics"]["digit_accuracy_per_digit"]) == set(report["metrics"]["images_per_digit"])
+    assert report["sweep"] == {"table": str(tmp_path / "report" / "sweep.json"),
+                               "plot": str(tmp_path / "report" / "sweep.png")}
+    assert Image.open(tmp_path / "report" / "sweep.png").size[0] > 800  # two panels side by side
+
+
+def test_the_same_setting_twice_gives_the_same_scores_because_every_setting_reuses_the_seeds(tmp_path, digits,
+                                                                                            untrained_export):
+    reference = str(tmp_path / "heldout")
+    write_digit_cache(reference, *first_of_each_digit(digits, 2))
+    common = dict(checkpoint=untrained_export, reference_uri=reference, num_samples=20, features="digits",
+                  kid_subset_size=10, kid_subsets=5, feature_options={"epochs": 50})
+    alone = evaluate(EvalConfig(**common, report_uri=str(tmp_path / "alone.json"),
+                                generation={"steps": 1, "cfg": 2.0, "sampler": "euler", "batch_size": 20}))
+    swept = evaluate(EvalConfig(**common, report_uri=str(tmp_path / "swept" / "eval.json"),
+                                generation={"steps": 2, "cfg": 1.0, "sampler": "heun", "batch_size": 20},
+                                sweep={"cfg": [2.0], "samplers": ["euler"], "steps": [1]}))
+    (row,) = [row for row in storage.read_json(swept["sweep"]["table"])["rows"] if row["sampler"] == "euler"]
+    assert row["metrics"]["fid"] == pytest.approx(alone["metrics"]["fid"])
+    assert row["metrics"]["digit_accuracy_per_digit"] == alone["metrics"]["digit_accuracy_per_digit"]

@@ -1,1 +1,2 @@
-"""What the evaluation job measures with: feature spaces for FID/KID and the digit classifier."""
+"""What runs are judged and shown by: feature spaces and the digit classifier (evaluation job), plots and the progress
+image (evaluation and train jobs), photo recall."""
