@@ -128,7 +128,12 @@ class TrainJobConfig(StrictModel):
     init_from: str | None = Field(
         None, description="LiT weight inheritance: start from a trained model's weights (an export dir, a step dir "
         "or a checkpoint root), every tensor whose name and shape match except the attention")
-    distill_lambda: float = Field(1.0, ge=0, description="weight of the MSE to the teacher's velocity")
+    distill_noise_lambda: float = Field(
+        0.5, ge=0, description="LiT's λ1: weight of L_noise, the MSE to the teacher's velocity (paper: 0.5 at 256 px, "
+        "1.0 at 512 px)")
+    distill_var_lambda: float = Field(
+        0.05, ge=0, description="LiT's λ2: weight of L_var, the MSE between the student's and the teacher's implied "
+        "reverse-step variance (per-channel squared error to the sampled velocity; paper: 0.05)")
     max_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     seed: int = 0

@@ -25,10 +25,11 @@ FORMAT = "hybriddit.model/1"
 
 
 class LatentNormalisation(StrictModel):
-    """The codec's normalisation the training latents carried: `latent = (raw - shift) · scale`."""
+    """The codec's normalisation the training latents carried: `latent = (raw - shift) · scale`, one value or one
+    per channel (as the cache's manifest records it)."""
 
-    scale: float = 1.0
-    shift: float = 0.0
+    scale: float | list[float] = 1.0
+    shift: float | list[float] = 0.0
 
 
 class ExportedModelConfig(StrictModel):
@@ -56,25 +57,39 @@ def save_exported_model(out_dir: str | Path, model: HybridDiT, *, codec: dict[st
     return out
 
 
-def read_exported(source: str | Path) -> tuple[dict[str, torch.Tensor], ExportedModelConfig]:
-    """The state dict and validated config of an export at `source` (dir or s3:// prefix), verified by its marker."""
-    source = str(source)
+def _marker(source: str) -> dict:
     try:
-        marker = storage.read_complete_marker(source)
+        return storage.read_complete_marker(source)
     except storage.IncompleteDirectoryError:
         raise storage.StorageNotFoundError(
             f"{source} is not a complete export: it has no {storage.COMPLETE_MARKER} (an export holds "
             f"{CONFIG_FILE}, {WEIGHTS_FILE} and {storage.COMPLETE_MARKER}, written by save_exported_model; "
             "pass a checkpoint's export/ directory or export the model again)"
         ) from None
+
+
+def _config(source: str, marker: dict) -> ExportedModelConfig:
     try:
         config_json = json.loads(storage.read_published_file(source, CONFIG_FILE, marker))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source}/{CONFIG_FILE} is not valid JSON: {exc}") from None
     if config_json.get("format") != FORMAT:
         raise ValueError(f"{source}/{CONFIG_FILE} has format {config_json.get('format')!r}, expected {FORMAT!r}")
-    weights = load_safetensors_bytes(storage.read_published_file(source, WEIGHTS_FILE, marker))
-    return weights, ExportedModelConfig.model_validate(config_json)
+    return ExportedModelConfig.model_validate(config_json)
+
+
+def read_exported_config(source: str | Path) -> ExportedModelConfig:
+    """The validated config of an export, verified by its marker, without reading the weights."""
+    source = str(source)
+    return _config(source, _marker(source))
+
+
+def read_exported(source: str | Path) -> tuple[dict[str, torch.Tensor], ExportedModelConfig]:
+    """The state dict and validated config of an export at `source` (dir or s3:// prefix), verified by its marker."""
+    source = str(source)
+    marker = _marker(source)
+    config = _config(source, marker)
+    return load_safetensors_bytes(storage.read_published_file(source, WEIGHTS_FILE, marker)), config
 
 
 def load_exported_model(source: str | Path, device: str | torch.device = "cpu"

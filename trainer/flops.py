@@ -120,7 +120,7 @@ def model_flops(config: DiTConfig, image_tokens: int, text_tokens: int) -> FlopC
         softmax = config.is_full_attention(index)
         joint = config.text_drop_block is None or index < config.text_drop_block
         macs += block_macs(config, softmax, image_tokens, text_tokens, joint=joint,
-                           cross=softmax and config.cross_attention)
+                           cross=config.has_cross_attention(index))
     return FlopCount({name: FLOPS_PER_MAC * value for name, value in macs.items()})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,9 @@ class TimestepSampling(StrictModel):
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
     shift: float = Field(1.0, gt=0, description="SD3 shift: >1 spends more steps near noise")
+    shift_base_tokens: int | None = Field(
+        None, ge=1, description="resolution-aware shift: `shift` holds at this many image tokens and follows "
+        "shift·sqrt(tokens / shift_base_tokens) at others (SD3); None = the same shift at every resolution")
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -25,15 +29,31 @@ def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def resolution_shift(shift: float, base_tokens: int | None, tokens: int) -> float:
+    """The shift at `tokens` image tokens: `shift·sqrt(tokens / base_tokens)` (SD3), `shift` when base_tokens is None.
+
+    n times the tokens carry n times the signal of one noised image at the same t (a patch average keeps
+    its signal and loses noise), so t must move towards noise to look as noisy. SD3 derives the factor
+    sqrt(n) on the odds t/(1-t), which is `shift_timesteps`; shifts compose by multiplying, so a base shift s
+    becomes s·sqrt(n).
+    """
+    if base_tokens is None:
+        return shift
+    return shift * math.sqrt(tokens / base_tokens)
+
+
 def sample_timesteps(batch: int, sampling: TimestepSampling, device=None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) training timesteps from the logit-normal or uniform distribution, then shifted."""
+                     generator: torch.Generator | None = None, tokens: int | None = None) -> torch.Tensor:
+    """(B,) training timesteps from the logit-normal or uniform distribution, then shifted (for `tokens` image
+    tokens when the shift follows the resolution)."""
     if sampling.distribution == "logit_normal":
         normal = torch.randn(batch, device=device, generator=generator)
         t = torch.sigmoid(sampling.mean + sampling.std * normal)
     else:
         t = torch.rand(batch, device=device, generator=generator)
-    return shift_timesteps(t, sampling.shift)
+    if sampling.shift_base_tokens is not None and tokens is None:
+        raise ValueError("a resolution-aware shift (shift_base_tokens) needs the batch's image token count")
+    return shift_timesteps(t, resolution_shift(sampling.shift, sampling.shift_base_tokens, tokens or 0))
 
 
 def apply_cfg_dropout(text: torch.Tensor, mask: torch.Tensor, null_text: torch.Tensor,
@@ -73,14 +93,16 @@ class NoisedBatch:
 def noise_batch(x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
                 sampling: TimestepSampling | None = None, null_text: torch.Tensor | None = None,
                 null_mask: torch.Tensor | None = None, cfg_dropout: float = 0.0,
-                generator: torch.Generator | None = None) -> NoisedBatch:
-    """Drop captions for CFG, sample t, mix `x_t = (1-t)·x0 + t·ε`."""
+                generator: torch.Generator | None = None, patch_size: int = 1) -> NoisedBatch:
+    """Drop captions for CFG, sample t (shifted for the latents' token count at `patch_size`), mix
+    `x_t = (1-t)·x0 + t·ε`."""
     sampling = sampling or TimestepSampling()
     if cfg_dropout > 0:
         if null_text is None:
             raise ValueError(f"cfg_dropout={cfg_dropout} needs null_text (the encoder's output for '')")
         text, text_mask = apply_cfg_dropout(text, text_mask, null_text, null_mask, cfg_dropout, generator)
-    t = sample_timesteps(x0.shape[0], sampling, x0.device, generator)
+    tokens = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
+    t = sample_timesteps(x0.shape[0], sampling, x0.device, generator, tokens)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     t_ = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
     return NoisedBatch((1 - t_) * x0 + t_ * noise, t, noise - x0, text, text_mask)
@@ -103,13 +125,13 @@ def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: t
                        sampling: TimestepSampling | None = None, null_text: torch.Tensor | None = None,
                        null_mask: torch.Tensor | None = None, cfg_dropout: float = 0.0,
                        weights: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       patch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MSE between `model(x_t, t, text, mask)` and `ε - x0` -> (loss, per-sample loss (B,), t (B,)).
 
     With `weights` (B,) the loss is the weighted mean `Σ w·l / Σ w` (e.g. by aesthetic score).
     """
     noised = noise_batch(x0, text, text_mask, sampling=sampling, null_text=null_text, null_mask=null_mask,
-                         cfg_dropout=cfg_dropout, generator=generator)
+                         cfg_dropout=cfg_dropout, generator=generator, patch_size=patch_size)
     prediction = model(noised.x_t, noised.t, noised.text, noised.text_mask)
     per_sample = velocity_mse(prediction, noised.target)
     return weighted_mean(per_sample, weights), per_sample, noised.t

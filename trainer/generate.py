@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> list[str]:
     """Generate the prompts of parsed arguments and write them; returns the PNGs' paths (grid last)."""
     prompts = read_prompts(args)
     settings = SamplerSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift,
+                               shift_base_tokens=args.shift_base_tokens,
                                seed=args.seed, batch_size=args.batch_size)
     pipeline = load_export(args.checkpoint, args.device)
     images = generate_images(pipeline, prompts, settings, args.size)
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cfg", type=float, default=defaults.cfg, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=defaults.sampler)
     parser.add_argument("--shift", type=float, default=defaults.shift, help="timestep shift of the sampling schedule")
+    parser.add_argument("--shift-base-tokens", type=int, default=defaults.shift_base_tokens,
+                        help="image tokens at which --shift holds; other sizes get shift*sqrt(tokens/base) (SD3)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--size", type=parse_size, help="pixels, N or WIDTHxHEIGHT (default: training size)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)

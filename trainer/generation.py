@@ -23,6 +23,7 @@ from torch import nn
 
 from services import storage
 from services.cache.reader import pad_text
+from trainer.flow_matching import resolution_shift
 from trainer.samplers import SamplerSettings, classifier_free_guidance, sample, text_velocity
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ def generate_images(pipeline: TextToImage, prompts: Sequence[str], settings: Sam
     height, width = image_size(pipeline, size)
     downscale = pipeline.codec.spec.downscale
     shape = (model.config.latent_channels, height // downscale, width // downscale)
+    patch = model.config.patch_size
+    shift = resolution_shift(settings.shift, settings.shift_base_tokens, (shape[1] // patch) * (shape[2] // patch))
     null_text, null_mask = pipeline.encode_prompts([""])
     # bf16 autocast on CUDA; the CPU path stays fp32 (bf16 matmuls are far slower there)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -110,7 +113,7 @@ def generate_images(pipeline: TextToImage, prompts: Sequence[str], settings: Sam
         velocity = classifier_free_guidance(text_velocity(model, text, mask), unconditional, settings.cfg)
         with autocast:
             latents = sample(velocity, (len(batch), *shape), sampler=settings.sampler, steps=settings.steps,
-                             shift=settings.shift, seed=settings.seed + start, device=device)
+                             shift=shift, seed=settings.seed + start, device=device)
         images.append(pipeline.codec.decode(latents.float()).float().cpu())
         logger.info("generated %d/%d images", start + len(batch), len(prompts))
     return torch.cat(images)

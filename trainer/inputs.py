@@ -1,4 +1,4 @@
-"""What a run trains on: the cache, resolved once on the driver, and the model checked against it."""
+"""What a run trains on: the cache, resolved once on the driver, and the model and teacher checked against it."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from services import storage
 from services.cache import layout, manifest, reader
 from trainer.config import TrainJobConfig
 from trainer.data import ShardEntry, index_shards, select_buckets, split_holdout, steps_per_epoch
-from trainer.export import LatentNormalisation
+from trainer.export import ExportedModelConfig, LatentNormalisation
 from trainer.models import build_model, resolve_config
 
 logger = logging.getLogger(__name__)
@@ -33,13 +34,6 @@ class ResolvedCache:
 
 def _first_cache_root(uris: list[str]) -> str | None:
     return next((uri for uri in uris if not uri.endswith(".tar") and storage.exists(layout.manifest_uri(uri))), None)
-
-
-def _normalisation(card: manifest.CacheManifest) -> LatentNormalisation | None:
-    if isinstance(card.latent_scale, float | int) and isinstance(card.latent_shift, float | int):
-        return LatentNormalisation(scale=card.latent_scale, shift=card.latent_shift)
-    logger.warning("per-channel latent normalisation is not recorded in the export's model_config.json")
-    return None
 
 
 def resolve_cache(config: TrainJobConfig) -> ResolvedCache:
@@ -62,7 +56,8 @@ def resolve_cache(config: TrainJobConfig) -> ResolvedCache:
         )
     return ResolvedCache(shards, validation_shards, null_text,
                          codec=card.codec if card else {}, text_encoder=card.text_encoder if card else {},
-                         latent_normalisation=_normalisation(card) if card else None)
+                         latent_normalisation=LatentNormalisation(scale=card.latent_scale, shift=card.latent_shift)
+                         if card else None)
 
 
 def total_steps(config: TrainJobConfig, cache: ResolvedCache) -> int:
@@ -96,3 +91,42 @@ def build_job_model(config: TrainJobConfig, cache: ResolvedCache) -> nn.Module:
         logger.info("init_from: inheriting the weights of %s", export_uri)
         inherit_weights(model, read_exported(export_uri)[0])  # logs what it took and what it left fresh
     return model
+
+
+def check_teacher_matches_cache(exported: ExportedModelConfig, cache: ResolvedCache, where: str) -> None:
+    """Refuse a teacher trained on other latents or text: its velocities would be targets for inputs it never saw."""
+    pairs = (("codec", exported.codec, cache.codec),
+             ("text encoder", exported.text_encoder, cache.text_encoder),
+             ("latent normalisation", exported.latent_normalisation.model_dump(),
+              (cache.latent_normalisation or LatentNormalisation()).model_dump()))
+    for what, teacher_value, cache_value in pairs:
+        if teacher_value != cache_value:
+            raise ValueError(f"teacher {where} was trained with {what} {teacher_value}, but this run's cache has "
+                             f"{cache_value}: distil from a teacher trained on this cache's encoders, or encode the "
+                             "cache with the teacher's")
+
+
+def check_teacher(config: TrainJobConfig, cache: ResolvedCache) -> str:
+    """On the driver, before any worker starts: the teacher's export exists, verifies and matches the cache;
+    returns its URI."""
+    from trainer.checkpoint import resolve_export
+    from trainer.export import read_exported_config
+
+    export_uri, _ = resolve_export(config.teacher)
+    check_teacher_matches_cache(read_exported_config(export_uri), cache, export_uri)
+    return export_uri
+
+
+def load_teacher(config: TrainJobConfig, cache: ResolvedCache, device: torch.device | str = "cpu") -> nn.Module:
+    """The frozen teacher of `config.teacher`, rebuilt from its export's own model config, checked against the cache."""
+    from trainer.checkpoint import resolve_export
+    from trainer.export import load_exported_model
+
+    export_uri, _ = resolve_export(config.teacher)
+    teacher, exported = load_exported_model(export_uri, device)
+    check_teacher_matches_cache(exported, cache, export_uri)
+    teacher.requires_grad_(False)
+    logger.info("teacher: %s, %d blocks with softmax and %d with linear self-attention", export_uri,
+                len(exported.model.full_attention_blocks),
+                exported.model.depth - len(exported.model.full_attention_blocks))
+    return teacher

@@ -20,8 +20,8 @@ from trainer import state
 from trainer.config import TrainJobConfig
 from trainer.data import DataPosition, TrainingStream
 from trainer.ema import EMA
-from trainer.export import load_exported_model, save_exported_model
-from trainer.inputs import ResolvedCache, build_job_model, total_steps
+from trainer.export import save_exported_model
+from trainer.inputs import ResolvedCache, build_job_model, load_teacher, total_steps
 from trainer.models.hybrid_dit import DiTBlock
 from trainer.optim import build_optimizer
 from trainer.precision import apply_activation_checkpointing, convert_to_fp8, precision_for_device
@@ -88,8 +88,8 @@ class TrainingRun:
                                          schedule, ema, config.optimizer.grad_clip)
         # A copy: the array arrives read-only (Ray passes numpy arrays out of its object store zero-copy).
         null_text = torch.tensor(self.cache.null_text, device=device) if self.cache.null_text is not None else None
-        teacher = load_exported_model(ckpt.resolve_export(config.teacher)[0], device)[0] if config.teacher else None
-        self.objective = Objective(config, null_text, teacher)
+        teacher = load_teacher(config, self.cache, device) if config.teacher else None
+        self.objective = Objective(config, null_text, teacher, patch_size=model.config.patch_size)
         self.generator = torch.Generator(device).manual_seed(config.seed * 100_003 + self.context.rank)
         self.progress = state.Progress()
         self._skips_reported: Counter[str] = Counter()

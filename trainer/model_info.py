@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         "blocks": {
             "full_attention": len(config.full_attention_blocks),
             "linear_attention": config.depth - len(config.full_attention_blocks),
+            "cross_attention": sum(config.has_cross_attention(block) for block in range(config.depth)),
         },
         "modules": counts["modules"],
         "block_parts": counts["block_parts"],

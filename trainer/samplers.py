@@ -70,6 +70,9 @@ class SamplerSettings(StrictModel):
     cfg: float = Field(3.5, ge=0, description="classifier-free guidance scale (1 = off)")
     sampler: Literal["euler", "heun", "rk4"] = "heun"
     shift: float = Field(1.0, gt=0, description="timestep shift of the sampling schedule")
+    shift_base_tokens: int | None = Field(
+        None, ge=1, description="resolution-aware shift: `shift` holds at this many image tokens and follows "
+        "shift·sqrt(tokens / shift_base_tokens) at other sizes (SD3); None = `shift` at every size")
     seed: int = 0
     batch_size: int = Field(4, ge=1, description="prompts generated together")
 

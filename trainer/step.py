@@ -1,4 +1,5 @@
-"""One optimisation step: the loss terms as functions (flow matching, distillation), then backward, clip, AdamW, EMA."""
+"""One optimisation step: the loss terms as functions (flow matching, LiT distillation), then backward, clip, AdamW,
+EMA."""
 
 from __future__ import annotations
 
@@ -19,30 +20,65 @@ def flow_matching_term(prediction: torch.Tensor, noised: NoisedBatch, weights: t
     return weighted_mean(velocity_mse(prediction, noised.target), weights)
 
 
-def distillation_term(prediction: torch.Tensor, teacher: nn.Module, noised: NoisedBatch,
-                      weights: torch.Tensor) -> torch.Tensor:
-    """LiT distillation: the weighted MSE between the student's velocity and a frozen teacher's at the same x_t, t."""
+def prediction_error_variance(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, C): each sample's and channel's mean squared error over positions, the variance of the reverse step
+    a velocity model implies.
+
+    A model trained with MSE predicts the mean E[v | x_t]; the reverse process's variance that a learned-variance
+    DiT outputs is then E[(v - v̂)² | x_t] (Bao et al. 2022 estimate the optimal diagonal covariance of a
+    mean-only model this way). One draw of v per sample gives a noisy per-element estimate; averaging over the
+    positions of a channel makes it a usable one.
+    """
+    return (prediction.float() - target.float()).pow(2).flatten(2).mean(dim=2)
+
+
+@dataclass
+class DistillationTerms:
+    """LiT's hybrid distillation terms, each a weighted mean over the batch and zero when student == teacher."""
+
+    noise: torch.Tensor  # L_noise: MSE between the student's and the teacher's velocity
+    variance: torch.Tensor  # L_var: MSE between their implied reverse-step variances (B, C)
+
+
+def distillation_terms(prediction: torch.Tensor, teacher: nn.Module, noised: NoisedBatch,
+                       weights: torch.Tensor) -> DistillationTerms:
+    """LiT distillation at the student's x_t and t: the frozen teacher runs without gradients, so both terms
+    train only the student.
+
+    L_noise compares the velocities, the space L_simple regresses in (so λ1 weighs the two as the paper's
+    ε-space terms are weighed); the implied noise ε = x_t + (1-t)·v would scale it by (1-t)² and drop the
+    teacher's signal near t=1, where the first sampling steps settle the layout. L_var compares
+    `prediction_error_variance` against the same sampled target.
+    """
     with torch.no_grad():
-        target = teacher(noised.x_t, noised.t, noised.text, noised.text_mask)
-    return weighted_mean(velocity_mse(prediction, target), weights)
+        taught = teacher(noised.x_t, noised.t, noised.text, noised.text_mask)
+    variance = velocity_mse(prediction_error_variance(prediction, noised.target),
+                            prediction_error_variance(taught, noised.target))
+    return DistillationTerms(noise=weighted_mean(velocity_mse(prediction, taught), weights),
+                             variance=weighted_mean(variance, weights))
 
 
 @dataclass
 class Objective:
-    """The loss of a run: flow matching with CFG dropout, plus `distill_lambda` x distillation when a teacher is set."""
+    """The loss of a run: flow matching with CFG dropout, plus LiT's hybrid distillation when a teacher is set,
+    `L = L_simple + λ1·L_noise + λ2·L_var` (λ1, λ2 = `distill_noise_lambda`, `distill_var_lambda`)."""
 
     config: TrainJobConfig
     null_text: torch.Tensor | None
     teacher: nn.Module | None = None
+    patch_size: int = 1  # the model's, so that a resolution-aware shift counts image tokens
 
     def loss(self, network: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         weights = batch["weights"]
         noised = noise_batch(batch["latent"], batch["text"], batch["text_mask"], sampling=self.config.timesteps,
-                             null_text=self.null_text, cfg_dropout=self.config.cfg_dropout, generator=generator)
+                             null_text=self.null_text, cfg_dropout=self.config.cfg_dropout, generator=generator,
+                             patch_size=self.patch_size)
         prediction = network(noised.x_t, noised.t, noised.text, noised.text_mask)
         loss = flow_matching_term(prediction, noised, weights)
         if self.teacher is not None:
-            loss = loss + self.config.distill_lambda * distillation_term(prediction, self.teacher, noised, weights)
+            terms = distillation_terms(prediction, self.teacher, noised, weights)
+            loss = (loss + self.config.distill_noise_lambda * terms.noise
+                    + self.config.distill_var_lambda * terms.variance)
         return loss
 
 

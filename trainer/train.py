@@ -75,9 +75,11 @@ def fit(config: TrainJobConfig):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.inputs import resolve_cache
+    from trainer.inputs import check_teacher, resolve_cache
 
     cache = resolve_cache(config)
+    if config.teacher is not None:
+        logger.info("distilling from teacher %s", check_teacher(config, cache))
     logger.info("training on %d shards (%d samples), validating on %d shards", len(cache.train_shards),
                 sum(shard.num_samples for shard in cache.train_shards), len(cache.validation_shards))
     if not ray.is_initialized():

@@ -73,3 +73,29 @@ def test_cfg_dropout_without_null_text_is_an_error_naming_it():
     with pytest.raises(ValueError, match="null_text"):
         flow_matching_loss(lambda x, *_: x, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2),
                            torch.ones(1, 1, dtype=torch.bool), cfg_dropout=0.1)
+
+
+def test_the_resolution_aware_shift_is_the_configured_shift_at_the_base_token_count_and_grows_with_tokens():
+    from trainer.flow_matching import resolution_shift
+
+    assert resolution_shift(3.0, 1024, 1024) == 3.0
+    shifts = [resolution_shift(3.0, 1024, tokens) for tokens in (256, 1024, 4096, 16384)]
+    assert shifts == sorted(shifts) and len(set(shifts)) == 4
+    assert shifts[2] == pytest.approx(6.0)  # SD3: 4x the tokens, sqrt(4) times the shift
+    assert resolution_shift(3.0, None, 16384) == 3.0  # off: the same shift at every resolution
+
+
+def test_training_timesteps_take_the_shift_of_the_batchs_token_count():
+    from trainer.flow_matching import noise_batch
+
+    aware = TimestepSampling(distribution="uniform", shift=1.5, shift_base_tokens=16)
+    x0, text, mask = torch.zeros(64, 1, 8, 8), torch.zeros(64, 1, 2), torch.ones(64, 1, dtype=torch.bool)
+    # 8x8 latents at patch 2 are 16 tokens (the base), at patch 1 they are 64 (4x: the shift doubles)
+    at_base = noise_batch(x0, text, mask, sampling=aware, generator=torch.Generator().manual_seed(0), patch_size=2)
+    larger = noise_batch(x0, text, mask, sampling=aware, generator=torch.Generator().manual_seed(0), patch_size=1)
+    fixed = [sample_timesteps(64, TimestepSampling(distribution="uniform", shift=shift),
+                              generator=torch.Generator().manual_seed(0)) for shift in (1.5, 3.0)]
+    torch.testing.assert_close(at_base.t, fixed[0])
+    torch.testing.assert_close(larger.t, fixed[1])
+    with pytest.raises(ValueError, match="token count"):
+        sample_timesteps(4, aware)

@@ -72,3 +72,25 @@ def test_the_in_memory_api_turns_prompts_into_images_without_touching_disk(tmp_p
     assert 0 <= float(images.min()) and float(images.max()) <= 1
     assert torch.equal(images, generate_images(pipeline, ["a cat", "a dog", "a fox"], settings, size=(64, 96)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resolution_aware_shift_samples_a_larger_size_with_the_shift_its_token_count_calls_for(tmp_path):
+    import torch
+
+    from trainer.generation import build_text_to_image, generate_images
+    from trainer.samplers import SamplerSettings
+
+    config = resolve_config("HybridDiT-tiny").model_copy(update={"latent_channels": 32})
+    model = randomize_weights(build_model(config), std=0.02).eval()
+    pipeline = build_text_to_image(model, {"name": "taef2", "tiny": False}, TEXT_ENCODER, torch.device("cpu"),
+                                   "an in-memory model")
+    base = dict(steps=2, sampler="euler", cfg=1.0)
+
+    def images(size, **shift):
+        return generate_images(pipeline, ["a cat"], SamplerSettings(**base, **shift), size=size)
+
+    # 64 px = 8x8 latent = 64 tokens (patch 1); 128 px has 4x the tokens, so the shift doubles (sqrt 4)
+    aware = dict(shift=1.5, shift_base_tokens=64)
+    assert torch.equal(images((64, 64), **aware), images((64, 64), shift=1.5))
+    assert torch.equal(images((128, 128), **aware), images((128, 128), shift=3.0))
+    assert not torch.equal(images((128, 128), **aware), images((128, 128), shift=1.5))

@@ -72,7 +72,7 @@ def test_activation_checkpointing_keeps_state_dict_keys_and_gradients():
 
 
 def test_the_shipped_configs_validate():
-    for name in ("tiny-cpu", "hybriddit-148m"):
+    for name in ("tiny-cpu", "hybriddit-148m", "lit-tiny-cpu"):
         assert load_config(TrainJobConfig, f"configs/train/{name}.yaml").run_name == name
 
 
@@ -81,19 +81,80 @@ def test_a_batch_that_does_not_split_over_the_workers_is_rejected():
         load_config(TrainJobConfig, "configs/train/tiny-cpu.yaml", ["batch_size=10", "scaling.num_workers=4"])
 
 
-def test_the_distillation_term_is_the_weighted_mse_to_the_teachers_velocity():
+def distillation_case(student_seed: int, teacher_seed: int):
+    """A student and a teacher (LiT-T2I-tiny, non-zero weights from the given seeds) and one noised batch."""
+    from tests.model.model_helpers import randomize_weights
     from trainer.flow_matching import noise_batch
-    from trainer.step import distillation_term
 
-    model = build_model("HybridDiT-tiny")
-    config, generator = model.config, torch.Generator().manual_seed(0)
+    student = randomize_weights(build_model("LiT-T2I-tiny"), seed=student_seed)
+    teacher = randomize_weights(build_model("LiT-T2I-tiny"), seed=teacher_seed).requires_grad_(False)
+    config, generator = student.config, torch.Generator().manual_seed(0)
     x0 = torch.randn(3, config.latent_channels, config.latent_size, config.latent_size, generator=generator)
     text, mask = torch.randn(3, 2, config.text_dim, generator=generator), torch.ones(3, 2, dtype=torch.bool)
     noised = noise_batch(x0, text, mask, generator=generator)
-    prediction = model(noised.x_t, noised.t, noised.text, noised.text_mask)
+    return student, teacher, noised
+
+
+def test_both_distillation_terms_are_exactly_zero_when_the_student_is_the_teacher():
+    from trainer.step import distillation_terms
+
+    student, teacher, noised = distillation_case(1, 1)
+    prediction = student(noised.x_t, noised.t, noised.text, noised.text_mask)
+    terms = distillation_terms(prediction, teacher, noised, torch.ones(3))
+    assert terms.noise.item() == 0.0 and terms.variance.item() == 0.0
+
+
+def test_the_distillation_terms_are_the_velocity_mse_and_the_mse_of_per_channel_error_variances():
+    from trainer.step import distillation_terms
+
+    student, teacher, noised = distillation_case(1, 2)
+    prediction = student(noised.x_t, noised.t, noised.text, noised.text_mask)
     weights = torch.tensor([1.0, 1.0, 0.0])  # the third sample is a placeholder
-    assert float(distillation_term(prediction, model, noised, weights)) == 0.0
-    silent = distillation_term(prediction, lambda x, t, text, mask: torch.zeros_like(x), noised, weights)
-    expected = prediction.detach().pow(2).flatten(1).mean(dim=1)[:2].mean()
-    assert float(silent) == pytest.approx(float(expected), rel=1e-5)
-    assert silent.requires_grad  # the student learns from it; the teacher ran without gradients
+    terms = distillation_terms(prediction, teacher, noised, weights)
+    prediction, taught = prediction.detach(), teacher(noised.x_t, noised.t, noised.text, noised.text_mask)
+    student_var = (prediction - noised.target).pow(2).mean(dim=(2, 3))  # (B, C)
+    teacher_var = (taught - noised.target).pow(2).mean(dim=(2, 3))
+    noise, variance = terms.noise.item(), terms.variance.item()
+    assert noise == pytest.approx((prediction - taught).pow(2).mean(dim=(1, 2, 3))[:2].mean().item(), rel=1e-5)
+    assert variance == pytest.approx((student_var - teacher_var).pow(2).mean(dim=1)[:2].mean().item(), rel=1e-5)
+    assert noise > 0 and variance > 0
+
+
+def test_the_distillation_terms_train_the_student_and_never_the_teacher():
+    from trainer.step import distillation_terms
+
+    student, teacher, noised = distillation_case(1, 2)
+    teacher.requires_grad_(True)  # even a teacher left trainable gets no gradient: it runs under no_grad
+    for term in ("noise", "variance"):
+        student.zero_grad(set_to_none=True)
+        prediction = student(noised.x_t, noised.t, noised.text, noised.text_mask)
+        getattr(distillation_terms(prediction, teacher, noised, torch.ones(3)), term).backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters()), term
+        assert all(p.grad is None for p in teacher.parameters()), term
+
+
+def test_the_objective_adds_lambda1_noise_and_lambda2_variance_to_flow_matching():
+    from trainer.flow_matching import noise_batch
+    from trainer.step import Objective, distillation_terms, flow_matching_term
+
+    student, teacher, _ = distillation_case(1, 2)
+    config = TrainJobConfig.model_validate(dict(
+        data=dict(uris=["file:///cache"]), checkpoint=dict(uri="file:///ckpt"), max_steps=1, cfg_dropout=0.0,
+        distill_noise_lambda=0.7, distill_var_lambda=0.3))
+    model = student.config
+    batch = {"latent": torch.randn(3, model.latent_channels, model.latent_size, model.latent_size),
+             "text": torch.randn(3, 2, model.text_dim), "text_mask": torch.ones(3, 2, dtype=torch.bool),
+             "weights": torch.ones(3)}
+    objective = Objective(config, None, teacher, patch_size=model.patch_size)
+    loss = objective.loss(student, batch, torch.Generator().manual_seed(5))
+    noised = noise_batch(batch["latent"], batch["text"], batch["text_mask"], sampling=config.timesteps,
+                         generator=torch.Generator().manual_seed(5), patch_size=model.patch_size)
+    prediction = student(noised.x_t, noised.t, noised.text, noised.text_mask)
+    terms = distillation_terms(prediction, teacher, noised, batch["weights"])
+    expected = flow_matching_term(prediction, noised, batch["weights"]) + 0.7 * terms.noise + 0.3 * terms.variance
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_paper_lambdas_are_the_defaults():
+    config = load_config(TrainJobConfig, "configs/train/tiny-cpu.yaml")
+    assert (config.distill_noise_lambda, config.distill_var_lambda) == (0.5, 0.05)

@@ -24,7 +24,10 @@ class DiTConfig(StrictModel):
         default_factory=lambda: [2, 5, 8, 11],
         description="blocks with softmax attention; the rest use ReLU linear attention",
     )
-    cross_attention: bool = Field(True, description="zero-initialised image->text cross-attention in full blocks")
+    cross_attention: bool = Field(True, description="zero-initialised image->text softmax cross-attention")
+    cross_attention_in: Literal["full", "all"] = Field(
+        "full", description="blocks with the cross-attention: the softmax anchors (hybrid), or every block, "
+        "linear ones included (PixArt-style text-to-image, where text reaches the image only through it)")
     text_drop_block: int | None = Field(None, ge=0, description="token funnel: from this block on, image only")
     linear_heads: int | None = Field(None, ge=1, description="heads of linear attention (LiT: few); None = heads")
     linear_value_conv: int = Field(0, ge=0, description="depthwise conv kernel on V in linear attention; 0 = off")
@@ -55,6 +58,9 @@ class DiTConfig(StrictModel):
     def is_full_attention(self, block: int) -> bool:
         return block in self.full_attention_blocks
 
+    def has_cross_attention(self, block: int) -> bool:
+        return self.cross_attention and (self.cross_attention_in == "all" or self.is_full_attention(block))
+
 
 _REFERENCE = DiTConfig()
 
@@ -66,6 +72,12 @@ _JOINT = DiTConfig(
 # LiT (seed 003): the joint DiT with every attention ReLU-linear, 2 heads and a depthwise conv on V,
 # so that it inherits every non-attention weight of a trained joint DiT.
 _LIT = _JOINT.model_copy(update={"full_attention_blocks": [], "linear_heads": 2, "linear_value_conv": 5})
+# PixArt-style text-to-image DiT, the teacher LiT's text-to-image model is converted from (seed 003): softmax
+# self-attention over image tokens only (text_drop_block=0) and softmax cross-attention to the text in every block.
+_CROSS = _JOINT.model_copy(update={"text_drop_block": 0, "cross_attention": True, "cross_attention_in": "all",
+                                   "text_len": 300})
+# LiT text-to-image (seed 003): the same with every self-attention ReLU-linear; the cross-attention stays softmax.
+_LIT_T2I = _CROSS.model_copy(update={"full_attention_blocks": [], "linear_heads": 2, "linear_value_conv": 5})
 # Single-stream DiT (seed 002): FLUX-VAE latents, T5Gemma text, 2-D RoPE, refiners, Fourier filters.
 _SINGLE_STREAM = DiTConfig(
     latent_channels=16, latent_size=32, patch_size=2, text_dim=1152, text_len=128, depth=16,
@@ -88,10 +100,14 @@ MODEL_PRESETS: dict[str, DiTConfig] = {
     "HybridDiT-148M": _REFERENCE,
     "JointDiT-B/2": _JOINT,
     "LiT-B/2": _LIT,
+    "CrossDiT-B/2": _CROSS,
+    "LiT-T2I-B/2": _LIT_T2I,
     "SingleStreamDiT-B/2": _SINGLE_STREAM,
     "HybridDiT-tiny": _tiny(_REFERENCE, latent_channels=4, full_attention_blocks=[1, 3]),
     "JointDiT-tiny": _tiny(_JOINT, full_attention_blocks=[0, 1, 2, 3]),
     "LiT-tiny": _tiny(_LIT),
+    "CrossDiT-tiny": _tiny(_CROSS, full_attention_blocks=[0, 1, 2, 3]),
+    "LiT-T2I-tiny": _tiny(_LIT_T2I),
     "SingleStreamDiT-tiny": _tiny(_SINGLE_STREAM, latent_channels=4, full_attention_blocks=[0, 1, 2, 3], refiner_depth=1),
 }
 DEFAULT_PRESET = "HybridDiT-148M"

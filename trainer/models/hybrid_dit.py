@@ -68,10 +68,9 @@ def _block(config: DiTConfig, cond_dim: int, index: int) -> DiTBlock:
     grid = (config.latent_size // config.patch_size,) * 2
     if config.is_full_attention(index):
         attn = SoftmaxAttention(config.dim, config.heads)
-        cross = CrossAttention(config.dim, config.heads) if config.cross_attention else None
     else:
         attn = LinearAttention(config.dim, config.linear_heads or config.heads, config.linear_value_conv)
-        cross = None
+    cross = CrossAttention(config.dim, config.heads) if config.has_cross_attention(index) else None
     fourier = FourierFilter(config.dim, grid) if config.fourier_filter else None
     return DiTBlock(config.dim, cond_dim, attn, _ffn(config), cross, fourier)
 
