@@ -107,10 +107,12 @@ def generate_images(pipeline: TextToImage, prompts: Sequence[str], settings: Sam
         batch = prompts[start:start + settings.batch_size]
         text, mask = pipeline.encode_prompts(batch)
         unconditional = text_velocity(model, null_text.expand(len(batch), -1, -1), null_mask.expand(len(batch), -1))
-        velocity = classifier_free_guidance(text_velocity(model, text, mask), unconditional, settings.cfg)
+        velocity = classifier_free_guidance(text_velocity(model, text, mask), unconditional, settings.cfg,
+                                            (settings.guidance_low, settings.guidance_high))
         with autocast:
             latents = sample(velocity, (len(batch), *shape), sampler=settings.sampler, steps=settings.steps,
-                             shift=settings.shift, seed=settings.seed + start, device=device)
+                             shift=settings.shift, seed=settings.seed + start, device=device,
+                             sde_diffusion=settings.sde_diffusion)
         images.append(pipeline.codec.decode(latents.float()).float().cpu())
         logger.info("generated %d/%d images", start + len(batch), len(prompts))
     return torch.cat(images)

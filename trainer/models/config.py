@@ -35,6 +35,11 @@ class DiTConfig(StrictModel):
     position: Literal["none", "learned", "rope2d"] = "none"
     refiner_depth: int = Field(0, ge=0, description="image-only and text-only refiner blocks before fusion")
     fourier_filter: bool = Field(False, description="zero-gated global Fourier filter on image tokens per block")
+    # Hi-DiT (seed 004): a pixel stream through the same trunk. t=1 is noise (trainer/flow_matching.py), so the
+    # low-noise regime where pixel tokens are injected is t < pixel_gate_t.
+    pixel_stream: bool = Field(False, description="Hi-DiT: time-gated pixel-token embedding + sub-pixel pixel head")
+    pixel_factor: int = Field(8, ge=1, description="image pixels per latent pixel (the codec's downsampling)")
+    pixel_gate_t: float = Field(0.3, ge=0, le=1, description="pixel tokens are added only for t < this")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> DiTConfig:
@@ -48,12 +53,19 @@ class DiTConfig(StrictModel):
             raise ValueError(f"full_attention_blocks {bad} are outside 0..{self.depth - 1}")
         if self.text_drop_block is not None and self.text_drop_block > self.depth:
             raise ValueError(f"text_drop_block={self.text_drop_block} is beyond depth={self.depth}")
+        if self.pixel_stream and self.refiner_depth:
+            raise ValueError("pixel_stream adds pixel tokens to the trunk's image tokens; refiner_depth must be 0")
         if self.latent_size % self.patch_size:
             raise ValueError(f"latent_size={self.latent_size} is not divisible by patch_size={self.patch_size}")
         return self
 
     def is_full_attention(self, block: int) -> bool:
         return block in self.full_attention_blocks
+
+    @property
+    def pixel_patch(self) -> int:
+        """Side of the pixel patch behind one image token."""
+        return self.pixel_factor * self.patch_size
 
 
 _REFERENCE = DiTConfig()
@@ -72,6 +84,9 @@ _SINGLE_STREAM = DiTConfig(
     full_attention_blocks=list(range(16)), cross_attention=False, mlp_ratio=8 / 3, trunk_dim=None,
     position="rope2d", refiner_depth=2, fourier_filter=True,
 )
+
+# Hi-DiT (seed 004): the joint DiT-B/2 (the seed's SiT is a plain DiT) with a time-gated pixel stream on f8 latents.
+_HIDIT = _JOINT.model_copy(update={"pixel_stream": True, "pixel_factor": 8})
 
 _TINY = {"dim": 64, "heads": 4, "depth": 4, "text_dim": 32, "text_len": 16, "latent_size": 8}
 
@@ -92,6 +107,8 @@ MODEL_PRESETS: dict[str, DiTConfig] = {
     "HybridDiT-tiny": _tiny(_REFERENCE, latent_channels=4, full_attention_blocks=[1, 3]),
     "JointDiT-tiny": _tiny(_JOINT, full_attention_blocks=[0, 1, 2, 3]),
     "LiT-tiny": _tiny(_LIT),
+    "HiDiT-B/2": _HIDIT,
+    "HiDiT-tiny": _tiny(_HIDIT, full_attention_blocks=[0, 1, 2, 3]),
     "SingleStreamDiT-tiny": _tiny(_SINGLE_STREAM, latent_channels=4, full_attention_blocks=[0, 1, 2, 3], refiner_depth=1),
 }
 DEFAULT_PRESET = "HybridDiT-148M"
