@@ -64,6 +64,10 @@ class CheckpointConfig(StrictModel):
     every_steps: int = Field(1000, ge=1)
     keep_last: int = Field(3, ge=1)
     resume: bool = Field(True, description="continue from the newest checkpoint under <uri> whose files verify")
+    resume_from: str | None = Field(
+        None, description="while <uri> holds no checkpoint, continue from another run's checkpoint root (its "
+        "newest verified checkpoint: weights, AdamW and schedule, RNG, data position), global step included, as Hi-DiT's stage 2 continues stage 1: set "
+        "max_steps to the total over both runs")
 
 
 class ValidationConfig(StrictModel):
@@ -98,6 +102,13 @@ class SamplesConfig(SamplerSettings):
         return bool(self.prompts)
 
 
+class PixelBranchConfig(StrictModel):
+    """Hi-DiT stage 2: the pixel stream trained beside the latent flow on the cache's pixels."""
+
+    weight: float = Field(1.0, ge=0, description="weight of the pixel-space flow-matching loss of the sub-pixel "
+                          "head (on the samples whose t is below the model's pixel_gate_t)")
+
+
 class WorkerScaling(StrictModel):
     """Ray Train workers: one DDP rank each."""
 
@@ -129,6 +140,9 @@ class TrainJobConfig(StrictModel):
         None, description="LiT weight inheritance: start from a trained model's weights (an export dir, a step dir "
         "or a checkpoint root), every tensor whose name and shape match except the attention")
     distill_lambda: float = Field(1.0, ge=0, description="weight of the MSE to the teacher's velocity")
+    pixel_branch: PixelBranchConfig | None = Field(
+        None, description="Hi-DiT stage 2 (a model with pixel_stream, a cache with pixels); None = latent only "
+        "(Hi-DiT stage 1: the pixel stream is frozen and unused)")
     max_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     seed: int = 0

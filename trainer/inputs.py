@@ -29,6 +29,7 @@ class ResolvedCache:
     codec: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=dict)
     latent_normalisation: LatentNormalisation | None = None
+    pixels: bool = False  # the samples carry their preprocessed pixels (the manifest says so)
 
 
 def _first_cache_root(uris: list[str]) -> str | None:
@@ -62,7 +63,8 @@ def resolve_cache(config: TrainJobConfig) -> ResolvedCache:
         )
     return ResolvedCache(shards, validation_shards, null_text,
                          codec=card.codec if card else {}, text_encoder=card.text_encoder if card else {},
-                         latent_normalisation=_normalisation(card) if card else None)
+                         latent_normalisation=_normalisation(card) if card else None,
+                         pixels=card.pixels if card else False)
 
 
 def total_steps(config: TrainJobConfig, cache: ResolvedCache) -> int:
@@ -71,6 +73,23 @@ def total_steps(config: TrainJobConfig, cache: ResolvedCache) -> int:
     return config.epochs * steps_per_epoch(
         cache.train_shards, world_size=config.scaling.num_workers, batch_per_rank=config.batch_per_rank,
         seed=config.seed, window_shards=config.data.shuffle_window_shards)
+
+
+def _set_pixel_branch(config: TrainJobConfig, cache: ResolvedCache, model: nn.Module) -> None:
+    """Hi-DiT: stage 2 (`pixel_branch`) needs a model with a pixel stream and a cache with pixels; in stage 1 the
+    pixel stream is frozen, so DDP and AdamW leave it alone and stage 2 finds it as initialised."""
+    stream = getattr(model, "pixel_stream", None)
+    if config.pixel_branch is None:
+        if stream is not None:
+            stream.requires_grad_(False)
+            logger.info("Hi-DiT stage 1: the pixel stream is frozen (set pixel_branch to train it)")
+        return
+    if stream is None:
+        raise ValueError(f"pixel_branch is set but model {config.model.preset} has no pixel stream: pick a HiDiT "
+                         "preset or model.overrides.pixel_stream=true")
+    if not cache.pixels:
+        raise ValueError(f"pixel_branch needs a cache with pixels, and the manifest of {config.data.uris} says it has "
+                         "none: encode it with output.store_pixels=true")
 
 
 def build_job_model(config: TrainJobConfig, cache: ResolvedCache) -> nn.Module:
@@ -87,6 +106,7 @@ def build_job_model(config: TrainJobConfig, cache: ResolvedCache) -> nn.Module:
         raise ValueError(f"model {config.model.preset} takes text_dim={model_config.text_dim}; the cache's text "
                          f"encoder gives {cache.null_text.shape[1]}: set model.overrides.text_dim")
     model = build_model(model_config)
+    _set_pixel_branch(config, cache, model)
     if config.init_from is not None:
         from trainer.checkpoint import resolve_export
         from trainer.export import read_exported

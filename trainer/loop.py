@@ -89,7 +89,7 @@ class TrainingRun:
         # A copy: the array arrives read-only (Ray passes numpy arrays out of its object store zero-copy).
         null_text = torch.tensor(self.cache.null_text, device=device) if self.cache.null_text is not None else None
         teacher = load_exported_model(ckpt.resolve_export(config.teacher)[0], device)[0] if config.teacher else None
-        self.objective = Objective(config, null_text, teacher)
+        self.objective = Objective(config, null_text, teacher, model.config)
         self.generator = torch.Generator(device).manual_seed(config.seed * 100_003 + self.context.rank)
         self.progress = state.Progress()
         self._skips_reported: Counter[str] = Counter()
@@ -117,7 +117,15 @@ class TrainingRun:
         return self.progress.position
 
     def _resume(self) -> None:
-        checkpoint = ckpt.load_latest(self.config.checkpoint.uri)
+        settings = self.config.checkpoint
+        checkpoint = ckpt.load_latest(settings.uri)
+        if checkpoint is None and settings.resume_from is not None:
+            checkpoint = ckpt.load_latest(settings.resume_from)
+            if checkpoint is None:
+                raise FileNotFoundError(f"checkpoint.resume_from={settings.resume_from} holds no complete checkpoint "
+                                        "(finish that run first, or unset resume_from)")
+            logger.info("no checkpoint under %s yet: continuing run %s from its step %d (the global step is kept: "
+                        "max_steps counts both runs)", settings.uri, settings.resume_from, checkpoint.step)
         if checkpoint is None:
             logger.info("no checkpoint under %s: starting at step 0", self.config.checkpoint.uri)
             return

@@ -10,7 +10,8 @@ from torch import nn
 
 from trainer.config import Precision, TrainJobConfig
 from trainer.ema import EMA
-from trainer.flow_matching import NoisedBatch, noise_batch, velocity_mse, weighted_mean
+from trainer.flow_matching import NoisedBatch, noise_at, noise_batch, velocity_mse, weighted_mean
+from trainer.models import DiTConfig
 from trainer.precision import autocast
 
 
@@ -27,23 +28,59 @@ def distillation_term(prediction: torch.Tensor, teacher: nn.Module, noised: Nois
     return weighted_mean(velocity_mse(prediction, target), weights)
 
 
+def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Cached pixels (B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], the pixel stream's data space."""
+    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def pixel_flow_matching_term(pixel_prediction: torch.Tensor, pixel_target: torch.Tensor, gated: torch.Tensor,
+                             weights: torch.Tensor) -> torch.Tensor:
+    """Hi-DiT's pixel loss: the weighted MSE of the sub-pixel head's pixel velocity, on the samples whose pixel
+    tokens were injected (`gated`, t below the threshold) only."""
+    return weighted_mean(velocity_mse(pixel_prediction, pixel_target), weights * gated.to(weights.dtype))
+
+
 @dataclass
 class Objective:
-    """The loss of a run: flow matching with CFG dropout, plus `distill_lambda` x distillation when a teacher is set."""
+    """The loss of a run: flow matching with CFG dropout, plus `distill_lambda` x distillation when a teacher is set,
+    plus the weighted pixel loss in Hi-DiT's stage 2 (`pixel_branch`)."""
 
     config: TrainJobConfig
     null_text: torch.Tensor | None
     teacher: nn.Module | None = None
+    model_config: DiTConfig | None = None  # the pixel stream's factor and gate threshold (Hi-DiT stage 2)
 
     def loss(self, network: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         weights = batch["weights"]
         noised = noise_batch(batch["latent"], batch["text"], batch["text_mask"], sampling=self.config.timesteps,
                              null_text=self.null_text, cfg_dropout=self.config.cfg_dropout, generator=generator)
+        if self.config.pixel_branch is not None:
+            return self._hybrid_loss(network, batch, noised, generator)
         prediction = network(noised.x_t, noised.t, noised.text, noised.text_mask)
         loss = flow_matching_term(prediction, noised, weights)
         if self.teacher is not None:
             loss = loss + self.config.distill_lambda * distillation_term(prediction, self.teacher, noised, weights)
         return loss
+
+    def _hybrid_loss(self, network: nn.Module, batch: dict[str, torch.Tensor], noised: NoisedBatch,
+                     generator: torch.Generator) -> torch.Tensor:
+        """Stage 2: the same t for both streams; the pixels are noised with their own ε."""
+        weights, latent = batch["weights"], batch["latent"]
+        pixels = batch.get("pixels")
+        if pixels is None:
+            if bool(weights.any()):
+                raise ValueError("pixel_branch needs the cache's pixels, and this batch has none: encode the cache "
+                                 "with output.store_pixels=true")
+            # every sample is a zero-weight placeholder: black pixels keep every rank's graph the same
+            factor = self.model_config.pixel_factor
+            pixels = latent.new_zeros(latent.shape[0], latent.shape[2] * factor, latent.shape[3] * factor, 3,
+                                      dtype=torch.uint8)
+        pixel_t, pixel_target = noise_at(pixels_to_unit_range(pixels), noised.t, generator)
+        prediction, pixel_prediction = network(noised.x_t, noised.t, noised.text, noised.text_mask, pixels=pixel_t)
+        gated = noised.t < self.model_config.pixel_gate_t
+        return (flow_matching_term(prediction, noised, weights)
+                + self.config.pixel_branch.weight * pixel_flow_matching_term(pixel_prediction, pixel_target, gated,
+                                                                             weights))
 
 
 @dataclass
@@ -62,7 +99,8 @@ class Optimisation:
 def train_step(optimisation: Optimisation, objective: Objective, batch: dict[str, Any], *,
                generator: torch.Generator, precision: Precision, device: torch.device) -> tuple[float, float]:
     """Forward, backward, clip, AdamW and EMA on one batch -> (loss, grad norm before clipping)."""
-    tensors = {name: batch[name].to(device, non_blocking=True) for name in ("latent", "text", "text_mask", "weights")}
+    names = ("latent", "text", "text_mask", "weights", "pixels")
+    tensors = {name: batch[name].to(device, non_blocking=True) for name in names if name in batch}
     optimisation.model.train()
     with autocast(precision, device):
         loss = objective.loss(optimisation.network, tensors, generator)
