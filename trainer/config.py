@@ -109,6 +109,15 @@ class PixelBranchConfig(StrictModel):
                           "head (on the samples whose t is below the model's pixel_gate_t)")
 
 
+class RepaConfig(StrictModel):
+    """REPA: align the model's projected image tokens (after its `repa_depth` blocks) with a frozen image encoder's
+    patch features of the clean image; needs a cache with pixels."""
+
+    encoder: str = Field("facebook/dinov2-small", description="a name in trainer.representation.FEATURE_ENCODERS "
+                         "(its weights downloaded beforehand) or a local directory holding a DINOv2 model")
+    weight: float = Field(0.5, ge=0, description="weight of the negative cosine similarity (the seed's proj-coeff)")
+
+
 class WorkerScaling(StrictModel):
     """Ray Train workers: one DDP rank each."""
 
@@ -143,6 +152,8 @@ class TrainJobConfig(StrictModel):
     pixel_branch: PixelBranchConfig | None = Field(
         None, description="Hi-DiT stage 2 (a model with pixel_stream, a cache with pixels); None = latent only "
         "(Hi-DiT stage 1: the pixel stream is frozen and unused)")
+    repa: RepaConfig | None = Field(None, description="optional representation alignment (a model with repa_depth, "
+                                    "a cache with pixels)")
     max_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     seed: int = 0

@@ -92,6 +92,20 @@ def _set_pixel_branch(config: TrainJobConfig, cache: ResolvedCache, model: nn.Mo
                          "none: encode it with output.store_pixels=true")
 
 
+def _check_repa(config: TrainJobConfig, cache: ResolvedCache, model_config) -> None:
+    if config.repa is None:
+        if model_config.repa_depth is not None:
+            raise ValueError(f"model {config.model.preset} has a REPA projector (repa_depth={model_config.repa_depth}) "
+                             "that this run would not train: set repa, or model.overrides.repa_depth=null")
+        return
+    if model_config.repa_depth is None:
+        raise ValueError(f"repa is set but model {config.model.preset} has no REPA projector: set "
+                         "model.overrides.repa_depth (and repa_dim, the encoder's feature width)")
+    if not cache.pixels:
+        raise ValueError(f"repa needs a cache with pixels, and the manifest of {config.data.uris} says it has none: "
+                         "encode it with output.store_pixels=true")
+
+
 def build_job_model(config: TrainJobConfig, cache: ResolvedCache) -> nn.Module:
     """The configured DiT, checked against the cache's latent channels and text width, and initialised from
     `init_from` when set (LiT weight inheritance)."""
@@ -107,6 +121,7 @@ def build_job_model(config: TrainJobConfig, cache: ResolvedCache) -> nn.Module:
                          f"encoder gives {cache.null_text.shape[1]}: set model.overrides.text_dim")
     model = build_model(model_config)
     _set_pixel_branch(config, cache, model)
+    _check_repa(config, cache, model_config)
     if config.init_from is not None:
         from trainer.checkpoint import resolve_export
         from trainer.export import read_exported

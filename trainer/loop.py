@@ -25,6 +25,7 @@ from trainer.inputs import ResolvedCache, build_job_model, total_steps
 from trainer.models.hybrid_dit import DiTBlock
 from trainer.optim import build_optimizer
 from trainer.precision import apply_activation_checkpointing, convert_to_fp8, precision_for_device
+from trainer.representation import build_feature_encoder
 from trainer.step import Objective, Optimisation, train_step
 from trainer.validation import SAMPLES_DIR, SampleGrids, replica_fingerprints, validation_loss
 
@@ -89,7 +90,11 @@ class TrainingRun:
         # A copy: the array arrives read-only (Ray passes numpy arrays out of its object store zero-copy).
         null_text = torch.tensor(self.cache.null_text, device=device) if self.cache.null_text is not None else None
         teacher = load_exported_model(ckpt.resolve_export(config.teacher)[0], device)[0] if config.teacher else None
-        self.objective = Objective(config, null_text, teacher, model.config)
+        feature_encoder = build_feature_encoder(config.repa.encoder, device) if config.repa else None
+        if feature_encoder is not None and feature_encoder.dim != model.config.repa_dim:
+            raise ValueError(f"repa.encoder {config.repa.encoder} gives {feature_encoder.dim}-d features; the model's "
+                             f"REPA projector gives repa_dim={model.config.repa_dim}: set model.overrides.repa_dim")
+        self.objective = Objective(config, null_text, teacher, model.config, feature_encoder)
         self.generator = torch.Generator(device).manual_seed(config.seed * 100_003 + self.context.rank)
         self.progress = state.Progress()
         self._skips_reported: Counter[str] = Counter()

@@ -23,7 +23,7 @@ def test_pixel_branch_contributes_exactly_nothing_above_the_gate_threshold():
     x, t, text, mask, pixels = hidit_inputs(model.config, [gate, gate + 0.01, 0.7, 1.0])
     with torch.no_grad():
         latent_only = model(x, t, text, mask)
-        hybrid, _ = model(x, t, text, mask, pixels=pixels)
+        hybrid = model(x, t, text, mask, pixels=pixels).velocity
     assert latent_only.abs().max() > 0
     assert torch.equal(hybrid, latent_only)  # bit for bit: the gate is a select, not a multiply
 
@@ -34,7 +34,7 @@ def test_pixel_tokens_change_the_latent_velocity_below_the_threshold():
     x, t, text, mask, pixels = hidit_inputs(model.config, [0.0, gate / 2, gate - 1e-3])
     with torch.no_grad():
         latent_only = model(x, t, text, mask)
-        hybrid, _ = model(x, t, text, mask, pixels=pixels)
+        hybrid = model(x, t, text, mask, pixels=pixels).velocity
     for row in range(len(t)):
         assert not torch.allclose(hybrid[row], latent_only[row]), f"sample {row} at t={t[row].item()}"
 
@@ -45,7 +45,7 @@ def test_gate_threshold_is_a_setting():
     x, t, text, mask, pixels = hidit_inputs(config, [0.8, 0.95])
     with torch.no_grad():
         latent_only = model(x, t, text, mask)
-        hybrid, _ = model(x, t, text, mask, pixels=pixels)
+        hybrid = model(x, t, text, mask, pixels=pixels).velocity
     assert not torch.allclose(hybrid[0], latent_only[0])
     assert torch.equal(hybrid[1], latent_only[1])
 
@@ -70,7 +70,7 @@ def test_sub_pixel_head_maps_tokens_to_the_image_grid(grid, patch, dim):
 def test_model_returns_pixel_velocity_at_image_size_and_both_heads_start_at_zero():
     model = build_model("HiDiT-tiny")
     x, t, text, mask, pixels = hidit_inputs(model.config, [0.1, 0.9])
-    velocity, pixel_velocity = model(x, t, text, mask, pixels=pixels)
+    velocity, pixel_velocity, _, _ = model(x, t, text, mask, pixels=pixels)
     assert velocity.shape == x.shape and pixel_velocity.shape == pixels.shape
     assert torch.count_nonzero(velocity) == 0 and torch.count_nonzero(pixel_velocity) == 0
 
@@ -82,7 +82,7 @@ def test_a_trained_latent_model_is_unchanged_when_its_fresh_pixel_branch_switche
     model.pixel_stream.load_state_dict(fresh)
     x, t, text, mask, pixels = hidit_inputs(model.config, [0.05, 0.2])
     with torch.no_grad():
-        assert torch.equal(model(x, t, text, mask, pixels=pixels)[0], model(x, t, text, mask))
+        assert torch.equal(model(x, t, text, mask, pixels=pixels).velocity, model(x, t, text, mask))
 
 
 def test_pixels_of_the_wrong_size_are_an_error_naming_the_factor():

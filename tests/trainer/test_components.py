@@ -72,7 +72,7 @@ def test_activation_checkpointing_keeps_state_dict_keys_and_gradients():
 
 
 def test_the_shipped_configs_validate():
-    for name in ("tiny-cpu", "hybriddit-148m"):
+    for name in ("tiny-cpu", "hybriddit-148m", "hidit-stage1-tiny-cpu", "hidit-stage2-tiny-cpu"):
         assert load_config(TrainJobConfig, f"configs/train/{name}.yaml").run_name == name
 
 

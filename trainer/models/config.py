@@ -40,6 +40,11 @@ class DiTConfig(StrictModel):
     pixel_stream: bool = Field(False, description="Hi-DiT: time-gated pixel-token embedding + sub-pixel pixel head")
     pixel_factor: int = Field(8, ge=1, description="image pixels per latent pixel (the codec's downsampling)")
     pixel_gate_t: float = Field(0.3, ge=0, le=1, description="pixel tokens are added only for t < this")
+    # REPA (used by Hi-DiT's recipe): an MLP projects the image tokens after `repa_depth` blocks to a frozen image
+    # encoder's features (trainer/representation.py), aligned by the train job's `repa` loss.
+    repa_depth: int | None = Field(None, ge=1, description="REPA projector after this many blocks; None = no REPA")
+    repa_dim: int = Field(384, ge=1, description="the frozen encoder's feature width (DINOv2-small: 384)")
+    repa_hidden: int = Field(2048, ge=1, description="hidden width of the REPA projector MLP")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> DiTConfig:
@@ -53,6 +58,8 @@ class DiTConfig(StrictModel):
             raise ValueError(f"full_attention_blocks {bad} are outside 0..{self.depth - 1}")
         if self.text_drop_block is not None and self.text_drop_block > self.depth:
             raise ValueError(f"text_drop_block={self.text_drop_block} is beyond depth={self.depth}")
+        if self.repa_depth is not None and self.repa_depth > self.depth:
+            raise ValueError(f"repa_depth={self.repa_depth} is beyond depth={self.depth}")
         if self.pixel_stream and self.refiner_depth:
             raise ValueError("pixel_stream adds pixel tokens to the trunk's image tokens; refiner_depth must be 0")
         if self.latent_size % self.patch_size:

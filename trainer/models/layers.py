@@ -122,6 +122,18 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(image), shift, scale))
 
 
+class RepaProjector(nn.Module):
+    """REPA's projector: image tokens -> the frozen encoder's feature space (a 3-layer SiLU MLP, as in SiT+REPA)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, out_dim))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.mlp(image)  # (B, N, out_dim)
+
+
 class SubPixelHead(nn.Module):
     """Hi-DiT's high-frequency pixel predictor: per-token pixel patches (a zero-initialised final layer), then
     PixelShuffle to the image grid."""
