@@ -14,7 +14,7 @@ from services.cache import layout, manifest, reader
 from trainer.config import TrainJobConfig
 from trainer.data import ShardEntry, index_shards, select_buckets, split_holdout, steps_per_epoch
 from trainer.export import LatentNormalisation
-from trainer.models import build_model, resolve_config
+from trainer.models import DiTConfig, build_model, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _set_pixel_branch(config: TrainJobConfig, cache: ResolvedCache, model: nn.Mo
                          "none: encode it with output.store_pixels=true")
 
 
-def _check_repa(config: TrainJobConfig, cache: ResolvedCache, model_config) -> None:
+def _check_repa(config: TrainJobConfig, cache: ResolvedCache, model_config: DiTConfig) -> None:
     if config.repa is None:
         if model_config.repa_depth is not None:
             raise ValueError(f"model {config.model.preset} has a REPA projector (repa_depth={model_config.repa_depth}) "
