@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> list[str]:
     prompts = read_prompts(args)
     settings = SamplerSettings(steps=args.steps, cfg=args.cfg, guidance_low=args.guidance_low,
                                guidance_high=args.guidance_high, sampler=args.sampler,
-                               sde_diffusion=args.sde_diffusion, shift=args.shift, seed=args.seed,
+                               sde_diffusion=args.sde_diffusion, pixel_stream=args.pixel_stream,
+                               shift=args.shift, seed=args.seed,
                                batch_size=args.batch_size)
     pipeline = load_export(args.checkpoint, args.device)
     images = generate_images(pipeline, prompts, settings, args.size)
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an ODE solver, or sde (Euler-Maruyama on the flow's reverse SDE)")
     parser.add_argument("--sde-diffusion", type=float, default=defaults.sde_diffusion,
                         help="sde sampler: g(t)^2 = 2 x this x t")
+    parser.add_argument("--pixel-stream", action="store_true",
+                        help="Hi-DiT: integrate the pixel stream below the gate and output its pixels")
     parser.add_argument("--shift", type=float, default=defaults.shift, help="timestep shift of the sampling schedule")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--size", type=parse_size, help="pixels, N or WIDTHxHEIGHT (default: training size)")

@@ -67,15 +67,19 @@ def sde(velocity: Velocity, x: torch.Tensor, schedule: torch.Tensor, *, diffusio
     """
     last = len(schedule) - 2
     for index, (t, t_next) in enumerate(zip(schedule[:-1], schedule[1:], strict=True)):
-        dt = (t_next - t).to(x.dtype)  # < 0
-        v = velocity(x, _at(t, x))
-        if index == last:
-            x = x + dt * v
-            continue
-        eps = x + (1 - t).to(x.dtype) * v
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x + dt * (v + diffusion * eps) + torch.sqrt(2 * diffusion * t.to(x.dtype) * -dt) * noise
+        x = _sde_step(x, velocity(x, _at(t, x)), t, t_next, diffusion if index != last else 0.0, generator)
     return x
+
+
+def _sde_step(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, diffusion: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """One Euler-Maruyama step of the reverse SDE from t to t_next < t; diffusion=0 is an Euler step of the ODE."""
+    dt = (t_next - t).to(x.dtype)  # < 0
+    if diffusion == 0:
+        return x + dt * v
+    eps = x + (1 - t).to(x.dtype) * v  # E[ε | x_t]
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + dt * (v + diffusion * eps) + torch.sqrt(2 * diffusion * t.to(x.dtype) * -dt) * noise
 
 
 SAMPLERS: dict[str, Callable[[Velocity, torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -96,6 +100,8 @@ class SamplerSettings(StrictModel):
     guidance_high: float = Field(1.0, ge=0, le=1, description="(t=1 is noise; the default interval is every t)")
     sampler: Literal["euler", "heun", "rk4", "sde"] = "heun"
     sde_diffusion: float = Field(1.0, gt=0, description="sde sampler: g(t)² = 2·sde_diffusion·t")
+    pixel_stream: bool = Field(False, description="Hi-DiT models: below the model's pixel_gate_t also integrate "
+                               "the pixel stream and return its pixels (else the codec decodes the latents)")
     shift: float = Field(1.0, gt=0, description="timestep shift of the sampling schedule")
     seed: int = 0
     batch_size: int = Field(4, ge=1, description="prompts generated together")
@@ -115,21 +121,64 @@ def classifier_free_guidance(velocity_cond: Velocity, velocity_uncond: Velocity,
         return velocity_cond
     low, high = interval
 
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def guided(x, t: torch.Tensor):
         cond = velocity_cond(x, t)
         inside = (t >= low) & (t <= high)  # (B,)
         if not bool(inside.any()):
             return cond
-        uncond = velocity_uncond(x, t)
-        guided_v = uncond + scale * (cond - uncond)
-        return torch.where(inside.view(-1, *([1] * (x.ndim - 1))), guided_v, cond)
+        return _guide(inside, velocity_uncond(x, t), cond, scale)
 
     return guided
+
+
+def _guide(inside: torch.Tensor, uncond, cond, scale: float):
+    """CFG where `inside`, the conditional velocity elsewhere; a tuple (Hi-DiT's latent and pixel velocities)
+    is guided element by element."""
+    if isinstance(cond, tuple):
+        return tuple(_guide(inside, u, c, scale) for u, c in zip(uncond, cond, strict=True))
+    guided = uncond + scale * (cond - uncond)
+    return torch.where(inside.view(-1, *([1] * (cond.ndim - 1))), guided, cond)
 
 
 def text_velocity(model, text: torch.Tensor, text_mask: torch.Tensor | None) -> Velocity:
     """Bind a DiT to one batch of captions: `velocity(x, t) = model(x, t, text, mask)`."""
     return lambda x, t: model(x, t, text, text_mask)
+
+
+StreamsVelocity = Callable[[tuple[torch.Tensor, torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def sample_with_pixel_stream(velocity: Velocity, streams_velocity: StreamsVelocity,
+                             decode: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], *, gate_t: float,
+                             sampler: str = "heun", steps: int = 20, shift: float = 1.0, seed: int = 0, device=None,
+                             dtype=torch.float32, sde_diffusion: float = 1.0) -> torch.Tensor:
+    """Hi-DiT sampling -> pixels (B, 3, H, W) in [-1, 1].
+
+    Above `gate_t` the latent stream alone is integrated with `sampler`. At the first time t_g below it, the pixel
+    stream starts from the codec's decoding of the latent's x0 estimate `x - t_g·v`, noised to t_g; from there
+    both streams take Euler steps together (Euler-Maruyama for `sde`) with `streams_velocity((x, pixels), t)`.
+    """
+    schedule = timestep_schedule(steps, shift, device)
+    split = next((i for i, t in enumerate(schedule.tolist()) if t < gate_t), len(schedule) - 1)
+    generator = torch.Generator(device=device or "cpu").manual_seed(seed)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if split > 0:
+        if sampler == "sde":
+            x = sde(velocity, x, schedule[:split + 1], diffusion=sde_diffusion, generator=generator)
+        else:
+            x = SAMPLERS[sampler](velocity, x, schedule[:split + 1])
+    t_g = schedule[split].to(dtype)
+    x0 = x - t_g * velocity(x, _at(schedule[split], x))
+    pixels0 = decode(x0).to(dtype) * 2 - 1
+    noise = torch.randn(pixels0.shape, generator=generator, device=pixels0.device, dtype=dtype)
+    state = (x, (1 - t_g) * pixels0 + t_g * noise)
+    last = len(schedule) - 2
+    for index in range(split, len(schedule) - 1):
+        t, t_next = schedule[index], schedule[index + 1]
+        diffusion = sde_diffusion if sampler == "sde" and index != last else 0.0
+        v = streams_velocity(state, _at(t, x))
+        state = tuple(_sde_step(s, vs, t, t_next, diffusion, generator) for s, vs in zip(state, v, strict=True))
+    return state[1]
 
 
 def sample(velocity: Velocity, shape: tuple[int, ...], *, sampler: str = "heun", steps: int = 20,

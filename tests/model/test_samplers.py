@@ -109,3 +109,57 @@ def test_sde_sampler_is_stochastic_beside_the_ode_and_seeded():
     again = sample(velocity, (8, 2), sampler="sde", steps=20, seed=1, dtype=torch.float64)
     assert torch.equal(first, again)
     assert not torch.allclose(first, ode, atol=1e-3)
+
+
+def constant_data_velocity(target: float):
+    """The exact velocity `(x - c)/t` of the flow whose data is the constant c: Euler lands on c exactly."""
+    return lambda x, t: (x - target) / t.view(-1, *([1] * (x.ndim - 1)))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "sde"])
+def test_pixel_stream_sampling_integrates_both_streams_below_the_gate_only(sampler):
+    from trainer.samplers import sample_with_pixel_stream
+
+    gate, latent_times, stream_times = 0.45, [], []
+    latent_velocity = constant_data_velocity(0.25)
+
+    def velocity(x, t):
+        latent_times.append(t[0].item())
+        return latent_velocity(x, t)
+
+    def streams(state, t):
+        stream_times.append(t[0].item())
+        return latent_velocity(state[0], t), constant_data_velocity(-0.5)(state[1], t)
+
+    def decode(z):  # an f2 "codec": nearest upsampling of channel 0 to RGB, in [0, 1]
+        return torch.nn.functional.interpolate(z[:, :1], scale_factor=2).expand(-1, 3, -1, -1)
+
+    pixels = sample_with_pixel_stream(velocity, streams, decode, (3, 2, 4, 4), gate_t=gate, sampler=sampler,
+                                      steps=10, seed=0, dtype=torch.float64)
+    assert pixels.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(pixels, torch.full_like(pixels, -0.5))
+    assert min(latent_times) >= 0.4 - 1e-9 and max(stream_times) < gate  # the x0 estimate is read at t=0.4
+    assert sorted(set(round(t, 6) for t in stream_times)) == [0.1, 0.2, 0.3, 0.4]
+
+
+def test_pixel_stream_sampling_with_no_gated_step_is_plain_sampling_then_decoding():
+    from trainer.samplers import sample_with_pixel_stream
+
+    def velocity(x, t):
+        return torch.cos(t).view(-1, 1, 1, 1) * x
+
+    def decode(z):
+        return z[:, :3] * 0.5 + 0.5
+
+    plain = sample(velocity, (2, 3, 4, 4), sampler="heun", steps=6, seed=4, dtype=torch.float64)
+    pixels = sample_with_pixel_stream(velocity, None, decode, (2, 3, 4, 4), gate_t=0.0, sampler="heun", steps=6,
+                                      seed=4, dtype=torch.float64)
+    assert torch.equal(pixels, decode(plain) * 2 - 1)
+
+
+def test_cfg_guides_the_latent_and_pixel_velocities_alike():
+    guided = classifier_free_guidance(lambda x, t: (x[0] + 1, x[1] + 2), lambda x, t: x, scale=2.0,
+                                      interval=(0.0, 0.5))
+    state = (torch.zeros(2, 1), torch.zeros(2, 3))
+    latent, pixels = guided(state, torch.tensor([0.2, 0.8]))
+    assert latent[:, 0].tolist() == [2.0, 1.0] and pixels[:, 0].tolist() == [4.0, 2.0]

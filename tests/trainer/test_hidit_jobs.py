@@ -99,7 +99,7 @@ def test_stage_two_continues_stage_one_at_its_global_step_and_trains_the_pixel_b
     assert torch.count_nonzero(weights["pixel_stream.head.final.linear.weight"]) > 0
 
 
-def test_the_stage_two_export_generates_with_the_sde_sampler_and_a_guidance_interval(stage2):
+def test_the_stage_two_export_generates_with_the_sde_sampler_a_guidance_interval_and_its_pixel_stream(stage2):
     from trainer.generation import generate_images, load_export
     from trainer.samplers import SamplerSettings
 
@@ -110,6 +110,10 @@ def test_the_stage_two_export_generates_with_the_sde_sampler_and_a_guidance_inte
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
     again = generate_images(pipeline, ["a handwritten digit 3", "a handwritten digit 7"], settings)
     assert torch.equal(images, again)
+    # the pixel stream's own output: below the gate both streams are integrated and its pixels are the image
+    hybrid = generate_images(pipeline, ["a handwritten digit 3", "a handwritten digit 7"],
+                             settings.model_copy(update={"pixel_stream": True}))
+    assert hybrid.shape == images.shape and torch.isfinite(hybrid).all() and not torch.equal(hybrid, images)
 
 
 def kill_after_first_checkpoint(cluster, argv: list[str], checkpoints: str, first: int) -> int:
