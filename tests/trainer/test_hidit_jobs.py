@@ -21,7 +21,8 @@ from trainer.checkpoint import complete_steps, load_latest
 ENCODE = "configs/encode/hidit-classfolder-taef2-pixels.yaml"
 STAGE1, STAGE2 = "configs/train/hidit-stage1-tiny-cpu.yaml", "configs/train/hidit-stage2-tiny-cpu.yaml"
 DIGITS = 64
-STAGE1_STEPS, STAGE2_STEPS = 20, 36  # stage 2's max_steps counts both stages, as in the seed
+# stage 2's max_steps counts both stages, as in the seed; a checkpoint every 10 steps leaves a killed job 30 to go
+STAGE1_STEPS, STAGE2_STEPS = 40, 80
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def pixel_stream(checkpoints: str) -> dict[str, torch.Tensor]:
 
 def test_stage_one_trains_the_latent_backbone_and_leaves_the_pixel_stream_as_initialised(stage1):
     assert stage1["step"] == STAGE1_STEPS and len(set(stage1["replica_fingerprints"])) == 1
-    assert complete_steps(stage1["checkpoints"]) == [10, 20]
+    assert complete_steps(stage1["checkpoints"]) == [30, 40]
     weights = pixel_stream(stage1["checkpoints"])
     assert weights and all(torch.count_nonzero(tensor) == 0 for tensor in weights.values())
 
@@ -92,8 +93,8 @@ def test_stage_one_trains_the_latent_backbone_and_leaves_the_pixel_stream_as_ini
 def test_stage_two_continues_stage_one_at_its_global_step_and_trains_the_pixel_branch(stage1, stage2):
     assert re.search(rf"continuing run \S+ from its step {STAGE1_STEPS}", stage2["log"])
     assert stage2["step"] == STAGE2_STEPS and len(set(stage2["replica_fingerprints"])) == 1
-    assert complete_steps(stage2["checkpoints"]) == [30, 36]  # its own run: stage 1's checkpoints are left alone
-    assert complete_steps(stage1["checkpoints"]) == [10, 20]
+    assert complete_steps(stage2["checkpoints"]) == [70, 80]  # its own run: stage 1's checkpoints are left alone
+    assert complete_steps(stage1["checkpoints"]) == [30, 40]
     weights = pixel_stream(stage2["checkpoints"])
     assert torch.count_nonzero(weights["pixel_stream.embed.weight"]) > 0
     assert torch.count_nonzero(weights["pixel_stream.head.final.linear.weight"]) > 0
