@@ -223,8 +223,9 @@ def use_stage_threads(stage: CodecStageConfig | TextStageConfig) -> None:
 class ImageEncoderActor(ArrowStage):
     """The image codec: pixels -> normalised latents, batched by image shape."""
 
-    def __init__(self, stage: CodecStageConfig, *, codec: Codec | None = None) -> None:
+    def __init__(self, stage: CodecStageConfig, *, codec: Codec | None = None, keep_pixels: bool = False) -> None:
         use_stage_threads(stage)
+        self.keep_pixels = keep_pixels  # output.store_pixels: the writer stores them beside the latent
         self.codec = codec or build_codec(stage.name, device=stage.device, dtype=stage.dtype, tiny=stage.tiny,
                                           **stage.options)  # fmt: skip
         self.batch_size = stage.batch_size
@@ -247,8 +248,9 @@ class ImageEncoderActor(ArrowStage):
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
         latents = self.codec.encode(images).cpu().numpy()
         for row, latent in zip(rows, latents, strict=True):
-            # Pixels are done with: dropping them keeps later blocks small.
-            row.update(latent=npy_bytes(latent.astype(np.float32)), pixels=b"")
+            row["latent"] = npy_bytes(latent.astype(np.float32))
+            if not self.keep_pixels:  # pixels are done with: dropping them keeps later blocks small
+                row["pixels"] = b""
 
 
 class TextEncoderActor(ArrowStage):
@@ -344,6 +346,7 @@ class ShardFragmentWriter:
             text=npy_view(row["text"], f"text of {where}"),
             caption=row["caption"],
             meta={**json.loads(row["meta"]), **self.encoder_ids},
+            pixels=npy_view(row["pixels"], f"pixels of {where}") if self.output.store_pixels else None,
         )
 
     def _report(self, accounts: list[dict[str, Any]]) -> None:

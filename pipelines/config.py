@@ -84,6 +84,10 @@ class OutputConfig(StrictModel):
 
     uri: str = Field(description="cache prefix: s3://bucket/prefix, file:// or a local path")
     latent_dtype: LatentDtype = "fp16"
+    store_pixels: bool = Field(
+        default=False, description="also store each sample's preprocessed image (uint8 pixels.npy) beside its latent, "
+        "for pixel-space losses (Hi-DiT's pixel branch); the manifest records it",
+    )
     max_samples_per_shard: int = Field(default=1000, ge=1)
     fragment_samples: int = Field(
         default=512, ge=1, description="samples per writer call; every call writes its own shard(s) per unit and "

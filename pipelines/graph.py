@@ -48,7 +48,8 @@ def build_dataset(job: EncodeJobConfig, units: list[InputUnit], card: EncoderCar
     dataset = ray.data.from_items([unit_row(unit) for unit in units], override_num_blocks=len(units))
     dataset = dataset.flat_map(read_unit, fn_kwargs={"job": job}, num_cpus=job.read.num_cpus)
     dataset = dataset.map_batches(
-        ImageEncoderActor, fn_constructor_kwargs={"stage": codec}, batch_size=codec.batch_size,
+        ImageEncoderActor, fn_constructor_kwargs={"stage": codec, "keep_pixels": output.store_pixels},
+        batch_size=codec.batch_size,
         batch_format="pyarrow", compute=actor_pool(codec), num_cpus=codec.num_cpus, num_gpus=codec.num_gpus,
     )  # fmt: skip
     dataset = dataset.map_batches(

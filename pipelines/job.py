@@ -160,7 +160,7 @@ def publish_manifest(job: EncodeJobConfig, card: EncoderCard, records: ProgressR
             job.output.uri, codec=card.codec, latent_channels=card.latent_channels, latent_scale=card.latent_scale,
             latent_shift=card.latent_shift, latent_dtype=job.output.latent_dtype, text_encoder=card.text_encoder,
             text_dim=card.text_dim, text_max_len=card.text_max_len, text_dtype=job.text.storage_dtype,
-            job_config=job.model_dump(mode="json"), progresses=progresses,
+            job_config=job.model_dump(mode="json"), progresses=progresses, pixels=job.output.store_pixels,
         )  # fmt: skip
         write_manifest(job.output.uri, manifest)
         latest = records.read()

@@ -27,7 +27,7 @@ class LocalEncoder:
 
     def __init__(self, job: EncodeJobConfig) -> None:
         self.job = job
-        self.images = ImageEncoderActor(job.codec)
+        self.images = ImageEncoderActor(job.codec, keep_pixels=job.output.store_pixels)
         self.texts = TextEncoderActor(job.text)
         self.card = encoder_card(self.images.codec, self.texts.encoder)
 

@@ -64,6 +64,10 @@ class CheckpointConfig(StrictModel):
     every_steps: int = Field(1000, ge=1)
     keep_last: int = Field(3, ge=1)
     resume: bool = Field(True, description="continue from the newest checkpoint under <uri> whose files verify")
+    resume_from: str | None = Field(
+        None, description="while <uri> holds no checkpoint, continue from another run's checkpoint root (its "
+        "newest verified checkpoint: weights, AdamW and schedule, RNG, data position), global step included, as Hi-DiT's stage 2 continues stage 1: set "
+        "max_steps to the total over both runs")
 
 
 class ValidationConfig(StrictModel):
@@ -96,6 +100,22 @@ class SamplesConfig(SamplerSettings):
     @property
     def enabled(self) -> bool:
         return bool(self.prompts)
+
+
+class PixelBranchConfig(StrictModel):
+    """Hi-DiT stage 2: the pixel stream trained beside the latent flow on the cache's pixels."""
+
+    weight: float = Field(1.0, ge=0, description="weight of the pixel-space flow-matching loss of the sub-pixel "
+                          "head (on the samples whose t is below the model's pixel_gate_t)")
+
+
+class RepaConfig(StrictModel):
+    """REPA: align the model's projected image tokens (after its `repa_depth` blocks) with a frozen image encoder's
+    patch features of the clean image; needs a cache with pixels."""
+
+    encoder: str = Field("facebook/dinov2-small", description="a name in trainer.representation.FEATURE_ENCODERS "
+                         "(its weights downloaded beforehand) or a local directory holding a DINOv2 model")
+    weight: float = Field(0.5, ge=0, description="weight of the negative cosine similarity (the seed's proj-coeff)")
 
 
 class WorkerScaling(StrictModel):
@@ -134,6 +154,11 @@ class TrainJobConfig(StrictModel):
     distill_var_lambda: float = Field(
         0.05, ge=0, description="LiT's λ2: weight of L_var, the MSE between the student's and the teacher's implied "
         "reverse-step variance (per-channel squared error to the sampled velocity; paper: 0.05)")
+    pixel_branch: PixelBranchConfig | None = Field(
+        None, description="Hi-DiT stage 2 (a model with pixel_stream, a cache with pixels); None = latent only "
+        "(Hi-DiT stage 1: the pixel stream is frozen and unused)")
+    repa: RepaConfig | None = Field(None, description="optional representation alignment (a model with repa_depth, "
+                                    "a cache with pixels)")
     max_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     seed: int = 0

@@ -90,6 +90,14 @@ class NoisedBatch:
     text_mask: torch.Tensor
 
 
+def noise_at(x0: torch.Tensor, t: torch.Tensor,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh ε -> (`x_t = (1-t)·x0 + t·ε`, the velocity target `ε - x0`) for per-sample t (B,)."""
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    t_ = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - t_) * x0 + t_ * noise, noise - x0
+
+
 def noise_batch(x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
                 sampling: TimestepSampling | None = None, null_text: torch.Tensor | None = None,
                 null_mask: torch.Tensor | None = None, cfg_dropout: float = 0.0,
@@ -103,9 +111,8 @@ def noise_batch(x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *
         text, text_mask = apply_cfg_dropout(text, text_mask, null_text, null_mask, cfg_dropout, generator)
     tokens = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
     t = sample_timesteps(x0.shape[0], sampling, x0.device, generator, tokens)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    t_ = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    return NoisedBatch((1 - t_) * x0 + t_ * noise, t, noise - x0, text, text_mask)
+    x_t, target = noise_at(x0, t, generator)
+    return NoisedBatch(x_t, t, target, text, text_mask)
 
 
 def velocity_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

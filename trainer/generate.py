@@ -17,7 +17,7 @@ if str(REPO_ROOT) not in sys.path:  # `python trainer/generate.py` from anywhere
 
 from services import storage  # noqa: E402
 from trainer.generation import generate_images, load_export, write_images  # noqa: E402
-from trainer.samplers import SAMPLERS, SamplerSettings  # noqa: E402
+from trainer.samplers import SAMPLER_NAMES, SamplerSettings  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> list[str]:
     """Generate the prompts of parsed arguments and write them; returns the PNGs' paths (grid last)."""
     prompts = read_prompts(args)
-    settings = SamplerSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift,
-                               shift_base_tokens=args.shift_base_tokens,
-                               seed=args.seed, batch_size=args.batch_size)
+    settings = SamplerSettings(steps=args.steps, cfg=args.cfg, guidance_low=args.guidance_low,
+                               guidance_high=args.guidance_high, sampler=args.sampler,
+                               sde_diffusion=args.sde_diffusion, pixel_stream=args.pixel_stream,
+                               shift=args.shift, shift_base_tokens=args.shift_base_tokens, seed=args.seed,
+                               batch_size=args.batch_size)
     pipeline = load_export(args.checkpoint, args.device)
     images = generate_images(pipeline, prompts, settings, args.size)
     paths = write_images(args.out, prompts, images)
@@ -67,7 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = SamplerSettings()  # the library's defaults, the one place they are set
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--cfg", type=float, default=defaults.cfg, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=defaults.sampler)
+    parser.add_argument("--guidance-low", type=float, default=defaults.guidance_low,
+                        help="CFG only for t in [guidance-low, guidance-high] (t=1 is noise)")
+    parser.add_argument("--guidance-high", type=float, default=defaults.guidance_high)
+    parser.add_argument("--sampler", choices=sorted(SAMPLER_NAMES), default=defaults.sampler,
+                        help="an ODE solver, or sde (Euler-Maruyama on the flow's reverse SDE)")
+    parser.add_argument("--sde-diffusion", type=float, default=defaults.sde_diffusion,
+                        help="sde sampler: g(t)^2 = 2 x this x t")
+    parser.add_argument("--pixel-stream", action="store_true",
+                        help="Hi-DiT: integrate the pixel stream below the gate and output its pixels")
     parser.add_argument("--shift", type=float, default=defaults.shift, help="timestep shift of the sampling schedule")
     parser.add_argument("--shift-base-tokens", type=int, default=defaults.shift_base_tokens,
                         help="image tokens at which --shift holds; other sizes get shift*sqrt(tokens/base) (SD3)")

@@ -24,7 +24,13 @@ from torch import nn
 from services import storage
 from services.cache.reader import pad_text
 from trainer.flow_matching import resolution_shift
-from trainer.samplers import SamplerSettings, classifier_free_guidance, sample, text_velocity
+from trainer.samplers import (
+    SamplerSettings,
+    classifier_free_guidance,
+    sample,
+    sample_with_pixel_stream,
+    text_velocity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +98,15 @@ def image_size(pipeline: TextToImage, size: tuple[int, int] | None) -> tuple[int
 
 
 @torch.no_grad()
+def streams_velocity(model: nn.Module, text: torch.Tensor, text_mask: torch.Tensor):
+    """Hi-DiT: `((x, pixels), t) -> (latent velocity, pixel velocity)` for one batch of captions."""
+    def velocity(state: tuple[torch.Tensor, torch.Tensor], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(state[0], t, text, text_mask, pixels=state[1])
+        return out.velocity, out.pixel_velocity
+
+    return velocity
+
+
 def generate_images(pipeline: TextToImage, prompts: Sequence[str], settings: SamplerSettings,
                     size: tuple[int, int] | None = None) -> torch.Tensor:
     """(N, 3, H, W) images in [0, 1], one per prompt; batch k starts from noise seeded `settings.seed + its first
@@ -102,6 +117,10 @@ def generate_images(pipeline: TextToImage, prompts: Sequence[str], settings: Sam
     shape = (model.config.latent_channels, height // downscale, width // downscale)
     patch = model.config.patch_size
     shift = resolution_shift(settings.shift, settings.shift_base_tokens, (shape[1] // patch) * (shape[2] // patch))
+    if settings.pixel_stream and not (model.config.pixel_stream and downscale == model.config.pixel_factor):
+        raise ValueError(f"pixel_stream sampling needs a Hi-DiT model whose pixel_factor ({model.config.pixel_factor})"
+                         f" is the codec's downscale ({downscale}); this model has pixel_stream="
+                         f"{model.config.pixel_stream}: sample without pixel_stream")
     null_text, null_mask = pipeline.encode_prompts([""])
     # bf16 autocast on CUDA; the CPU path stays fp32 (bf16 matmuls are far slower there)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -110,11 +129,22 @@ def generate_images(pipeline: TextToImage, prompts: Sequence[str], settings: Sam
         batch = prompts[start:start + settings.batch_size]
         text, mask = pipeline.encode_prompts(batch)
         unconditional = text_velocity(model, null_text.expand(len(batch), -1, -1), null_mask.expand(len(batch), -1))
-        velocity = classifier_free_guidance(text_velocity(model, text, mask), unconditional, settings.cfg)
+        velocity = classifier_free_guidance(text_velocity(model, text, mask), unconditional, settings.cfg,
+                                            (settings.guidance_low, settings.guidance_high))
+        options = dict(sampler=settings.sampler, steps=settings.steps, shift=shift,
+                       seed=settings.seed + start, device=device, sde_diffusion=settings.sde_diffusion)
         with autocast:
-            latents = sample(velocity, (len(batch), *shape), sampler=settings.sampler, steps=settings.steps,
-                             shift=shift, seed=settings.seed + start, device=device)
-        images.append(pipeline.codec.decode(latents.float()).float().cpu())
+            if settings.pixel_stream:
+                streams = classifier_free_guidance(
+                    streams_velocity(model, text, mask),
+                    streams_velocity(model, null_text.expand(len(batch), -1, -1), null_mask.expand(len(batch), -1)),
+                    settings.cfg, (settings.guidance_low, settings.guidance_high))
+                pixels = sample_with_pixel_stream(velocity, streams, lambda z: pipeline.codec.decode(z.float()),
+                                                  (len(batch), *shape), gate_t=model.config.pixel_gate_t, **options)
+                images.append(((pixels.float() + 1) / 2).clamp(0, 1).cpu())
+            else:
+                latents = sample(velocity, (len(batch), *shape), **options)
+                images.append(pipeline.codec.decode(latents.float()).float().cpu())
         logger.info("generated %d/%d images", start + len(batch), len(prompts))
     return torch.cat(images)
 

@@ -15,7 +15,7 @@ from services.cache import layout, manifest, reader
 from trainer.config import TrainJobConfig
 from trainer.data import ShardEntry, index_shards, select_buckets, split_holdout, steps_per_epoch
 from trainer.export import ExportedModelConfig, LatentNormalisation
-from trainer.models import build_model, resolve_config
+from trainer.models import DiTConfig, build_model, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class ResolvedCache:
     codec: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=dict)
     latent_normalisation: LatentNormalisation | None = None
+    pixels: bool = False  # the samples carry their preprocessed pixels (the manifest says so)
 
 
 def _first_cache_root(uris: list[str]) -> str | None:
@@ -57,7 +58,8 @@ def resolve_cache(config: TrainJobConfig) -> ResolvedCache:
     return ResolvedCache(shards, validation_shards, null_text,
                          codec=card.codec if card else {}, text_encoder=card.text_encoder if card else {},
                          latent_normalisation=LatentNormalisation(scale=card.latent_scale, shift=card.latent_shift)
-                         if card else None)
+                         if card else None,
+                         pixels=card.pixels if card else False)
 
 
 def total_steps(config: TrainJobConfig, cache: ResolvedCache) -> int:
@@ -66,6 +68,37 @@ def total_steps(config: TrainJobConfig, cache: ResolvedCache) -> int:
     return config.epochs * steps_per_epoch(
         cache.train_shards, world_size=config.scaling.num_workers, batch_per_rank=config.batch_per_rank,
         seed=config.seed, window_shards=config.data.shuffle_window_shards)
+
+
+def _set_pixel_branch(config: TrainJobConfig, cache: ResolvedCache, model: nn.Module) -> None:
+    """Hi-DiT: stage 2 (`pixel_branch`) needs a model with a pixel stream and a cache with pixels; in stage 1 the
+    pixel stream is frozen, so DDP and AdamW leave it alone and stage 2 finds it as initialised."""
+    stream = getattr(model, "pixel_stream", None)
+    if config.pixel_branch is None:
+        if stream is not None:
+            stream.requires_grad_(False)
+            logger.info("Hi-DiT stage 1: the pixel stream is frozen (set pixel_branch to train it)")
+        return
+    if stream is None:
+        raise ValueError(f"pixel_branch is set but model {config.model.preset} has no pixel stream: pick a HiDiT "
+                         "preset or model.overrides.pixel_stream=true")
+    if not cache.pixels:
+        raise ValueError(f"pixel_branch needs a cache with pixels, and the manifest of {config.data.uris} says it has "
+                         "none: encode it with output.store_pixels=true")
+
+
+def _check_repa(config: TrainJobConfig, cache: ResolvedCache, model_config: DiTConfig) -> None:
+    if config.repa is None:
+        if model_config.repa_depth is not None:
+            raise ValueError(f"model {config.model.preset} has a REPA projector (repa_depth={model_config.repa_depth}) "
+                             "that this run would not train: set repa, or model.overrides.repa_depth=null")
+        return
+    if model_config.repa_depth is None:
+        raise ValueError(f"repa is set but model {config.model.preset} has no REPA projector: set "
+                         "model.overrides.repa_depth (and repa_dim, the encoder's feature width)")
+    if not cache.pixels:
+        raise ValueError(f"repa needs a cache with pixels, and the manifest of {config.data.uris} says it has none: "
+                         "encode it with output.store_pixels=true")
 
 
 def build_job_model(config: TrainJobConfig, cache: ResolvedCache) -> nn.Module:
@@ -82,6 +115,8 @@ def build_job_model(config: TrainJobConfig, cache: ResolvedCache) -> nn.Module:
         raise ValueError(f"model {config.model.preset} takes text_dim={model_config.text_dim}; the cache's text "
                          f"encoder gives {cache.null_text.shape[1]}: set model.overrides.text_dim")
     model = build_model(model_config)
+    _set_pixel_branch(config, cache, model)
+    _check_repa(config, cache, model_config)
     if config.init_from is not None:
         from trainer.checkpoint import resolve_export
         from trainer.export import read_exported

@@ -25,6 +25,7 @@ from trainer.inputs import ResolvedCache, build_job_model, load_teacher, total_s
 from trainer.models.hybrid_dit import DiTBlock
 from trainer.optim import build_optimizer
 from trainer.precision import apply_activation_checkpointing, convert_to_fp8, precision_for_device
+from trainer.representation import build_feature_encoder
 from trainer.step import Objective, Optimisation, train_step
 from trainer.validation import SAMPLES_DIR, RunPictures, SampleGrids, replica_fingerprints, validation_loss
 
@@ -89,7 +90,11 @@ class TrainingRun:
         # A copy: the array arrives read-only (Ray passes numpy arrays out of its object store zero-copy).
         null_text = torch.tensor(self.cache.null_text, device=device) if self.cache.null_text is not None else None
         teacher = load_teacher(config, self.cache, device) if config.teacher else None
-        self.objective = Objective(config, null_text, teacher, patch_size=model.config.patch_size)
+        feature_encoder = build_feature_encoder(config.repa.encoder, device) if config.repa else None
+        if feature_encoder is not None and feature_encoder.dim != model.config.repa_dim:
+            raise ValueError(f"repa.encoder {config.repa.encoder} gives {feature_encoder.dim}-d features; the model's "
+                             f"REPA projector gives repa_dim={model.config.repa_dim}: set model.overrides.repa_dim")
+        self.objective = Objective(config, null_text, teacher, model.config, feature_encoder)
         self.generator = torch.Generator(device).manual_seed(config.seed * 100_003 + self.context.rank)
         self.progress = state.Progress()
         self._skips_reported: Counter[str] = Counter()
@@ -118,7 +123,15 @@ class TrainingRun:
         return self.progress.position
 
     def _resume(self) -> None:
-        checkpoint = ckpt.load_latest(self.config.checkpoint.uri)
+        settings = self.config.checkpoint
+        checkpoint = ckpt.load_latest(settings.uri)
+        if checkpoint is None and settings.resume_from is not None:
+            checkpoint = ckpt.load_latest(settings.resume_from)
+            if checkpoint is None:
+                raise FileNotFoundError(f"checkpoint.resume_from={settings.resume_from} holds no complete checkpoint "
+                                        "(finish that run first, or unset resume_from)")
+            logger.info("no checkpoint under %s yet: continuing run %s from its step %d (the global step is kept: "
+                        "max_steps counts both runs)", settings.uri, settings.resume_from, checkpoint.step)
         if checkpoint is None:
             logger.info("no checkpoint under %s: starting at step 0", self.config.checkpoint.uri)
             return

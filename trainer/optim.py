@@ -19,11 +19,14 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and convolutions; never biases, norms or 1-d gains."""
+    """Decay matrices and convolutions; never biases, norms or 1-d gains.
+
+    Frozen parameters are in the groups too (AdamW skips a parameter without a gradient), so the optimizer state of
+    a run with a frozen part (Hi-DiT's stage 1) loads into the run that trains it (stage 2).
+    """
     decay, no_decay = [], []
     for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+        (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -71,19 +71,34 @@ def write_digit_folder(directory: Path, ink: np.ndarray, labels: np.ndarray, siz
     return len(ink)
 
 
+def write_digit_class_folders(directory: Path, ink: np.ndarray, labels: np.ndarray, size: int = DIGIT_SIZE) -> int:
+    """ImageNet-style `<digit>/digit-NNNNN.png` for the classfolder source (the label is the folder, no captions);
+    returns how many were written."""
+    for index, (digit_ink, label) in enumerate(zip(ink, labels, strict=True)):
+        (directory / str(label)).mkdir(parents=True, exist_ok=True)
+        ink_to_image(digit_ink, size).save(directory / str(label) / f"digit-{index:05d}.png")
+    return len(ink)
+
+
 def build_demo_corpus(out: str | Path, *, photos: bool = True, digits: tuple[int, ...] = tuple(range(10)),
-                      limit_per_digit: int | None = None, size: int = DIGIT_SIZE) -> dict[str, object]:
+                      limit_per_digit: int | None = None, size: int = DIGIT_SIZE,
+                      class_folders: bool = False) -> dict[str, object]:
     """Write `<out>/train` (digits + photos) and `<out>/heldout` (every held-out digit); returns a summary.
 
-    `digits` and `limit_per_digit` (the first N of each class) make smaller training folders.
+    `digits` and `limit_per_digit` (the first N of each class) make smaller training folders. `class_folders`
+    writes the digits as class folders instead (the class-conditional layout of Hi-DiT's ImageNet recipe), without
+    photos.
     """
+    if class_folders and photos:
+        raise ValueError("class_folders holds digits only: set photos=False")
+    write = write_digit_class_folders if class_folders else write_digit_folder
     out = Path(out)
     split = load_digit_split()
     keep = np.concatenate([np.flatnonzero(split.train_labels == d)[:limit_per_digit] for d in digits])
     keep.sort()
     train_ink, train_labels = split.train_ink[keep], split.train_labels[keep]
-    train = write_digit_folder(out / TRAIN_DIR, train_ink, train_labels, size)
-    held_out = write_digit_folder(out / HELD_OUT_DIR, split.held_out_ink, split.held_out_labels, size)
+    train = write(out / TRAIN_DIR, train_ink, train_labels, size)
+    held_out = write(out / HELD_OUT_DIR, split.held_out_ink, split.held_out_labels, size)
     if photos:
         for photo in PHOTOS:
             _write_pair(out / TRAIN_DIR, f"photo-{photo.name}", Image.fromarray(photo_pixels(photo.name)), photo.caption)
@@ -98,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write train/ and heldout/ into")
     parser.add_argument("--no-photos", action="store_true", help="digits only")
     parser.add_argument("--limit-per-digit", type=int, help="at most N training digits per class")
+    parser.add_argument("--class-folders", action="store_true",
+                        help="digits only, as <digit>/*.png class folders (for the classfolder source)")
+    parser.add_argument("--size", type=int, default=DIGIT_SIZE, help="image side in pixels")
     args = parser.parse_args(argv)
-    summary = build_demo_corpus(args.out, photos=not args.no_photos, limit_per_digit=args.limit_per_digit)
+    summary = build_demo_corpus(args.out, photos=not (args.no_photos or args.class_folders),
+                                limit_per_digit=args.limit_per_digit, size=args.size,
+                                class_folders=args.class_folders)
     print(json.dumps(summary))
     return 0
 

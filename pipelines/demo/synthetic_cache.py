@@ -24,10 +24,21 @@ def class_sample(key: str, label: int, rng: np.random.Generator, side: int = 8, 
                        meta={"label": label})
 
 
+def with_pixels(sample: CacheSample, factor: int) -> CacheSample:
+    """The sample with an image `factor` x its latent's side: its first three channels, upsampled, as uint8."""
+    rgb = np.repeat(np.repeat(sample.latent[:3], factor, axis=1), factor, axis=2).transpose(1, 2, 0)
+    sample.pixels = np.clip(127.5 + 60 * rgb, 0, 255).astype(np.uint8)
+    return sample
+
+
 def write_tiny_cache(out_uri: str, *, shard_sizes: list[int], sides: list[int] | None = None, seed: int = 0,
-                     channels: int = CHANNELS, codec: dict | None = None, text_encoder: dict | None = None
-                     ) -> list[str]:
-    """One unit per shard, `shard_sizes[i]` samples in shard i (latent side `sides[i]`); returns every key."""
+                     channels: int = CHANNELS, codec: dict | None = None, text_encoder: dict | None = None,
+                     pixel_factor: int | None = None) -> list[str]:
+    """One unit per shard, `shard_sizes[i]` samples in shard i (latent side `sides[i]`); returns every key.
+
+    With `pixel_factor` every sample also carries pixels (as `output.store_pixels` writes them) and the manifest
+    says so.
+    """
     rng = np.random.default_rng(seed)
     sides = sides or [8] * len(shard_sizes)
     progresses, keys = [], []
@@ -38,14 +49,15 @@ def write_tiny_cache(out_uri: str, *, shard_sizes: list[int], sides: list[int] |
                              max_samples_per_shard=max(size, 1)) as writer:
             for i in range(size):
                 key = f"{unit}_{i:04d}"
-                writer.write(class_sample(key, int(rng.integers(NUM_CLASSES)), rng, side, channels))
+                sample = class_sample(key, int(rng.integers(NUM_CLASSES)), rng, side, channels)
+                writer.write(with_pixels(sample, pixel_factor) if pixel_factor else sample)
                 keys.append(key)
         progresses.append(manifest.UnitProgress(unit=unit, input_uri=f"memory://{unit}", shards=writer.close(),
                                                 samples_written=size, seconds=0.0))
     card = manifest.build_manifest(
         out_uri, codec=codec or {"name": "pixel"}, latent_channels=channels, latent_scale=1.0, latent_shift=0.0,
         latent_dtype="fp16", text_encoder=text_encoder or {"name": "tiny-test"}, text_dim=TEXT_DIM,
-        text_max_len=16, text_dtype="fp16", job_config={}, progresses=progresses,
+        text_max_len=16, text_dtype="fp16", job_config={}, progresses=progresses, pixels=pixel_factor is not None,
     )
     manifest.write_manifest(out_uri, card)
     return keys

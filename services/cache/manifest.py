@@ -66,6 +66,7 @@ class CacheManifest(StrictModel):
     text_dim: int = Field(gt=0)
     text_max_len: int = Field(gt=0)
     text_dtype: TextDtype
+    pixels: bool = Field(False, description="samples carry pixels.npy, the preprocessed image (output.store_pixels)")
     num_units: int = Field(ge=0)
     num_samples: int = Field(ge=0)
     num_bytes: int = Field(ge=0)
@@ -150,6 +151,7 @@ def build_manifest(
     text_dtype: TextDtype,
     job_config: dict[str, Any],
     progresses: list[UnitProgress],
+    pixels: bool = False,
 ) -> CacheManifest:
     """Aggregate the units' progress into the manifest, keeping `created_at` of an existing one."""
     existing = read_manifest(out_uri) if storage.exists(layout.manifest_uri(out_uri)) else None
@@ -171,6 +173,7 @@ def build_manifest(
         text_dim=text_dim,
         text_max_len=text_max_len,
         text_dtype=text_dtype,
+        pixels=pixels,
         num_units=len(progresses),
         num_samples=sum(shard.num_samples for shard in shards),
         num_bytes=sum(shard.num_bytes for shard in shards),

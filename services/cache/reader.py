@@ -127,7 +127,7 @@ def collate(samples: Sequence[CacheSample]) -> dict[str, Any]:
     if len(shapes) > 1:
         raise ValueError(f"batch mixes latent shapes {sorted(shapes)}: batch each bucket separately")
     text, text_mask = pad_text([sample.text for sample in samples])
-    return {
+    batch: dict[str, Any] = {
         "latent": torch.from_numpy(
             np.stack([sample.latent for sample in samples]).astype(np.float32, copy=False)
         ),
@@ -138,6 +138,15 @@ def collate(samples: Sequence[CacheSample]) -> dict[str, Any]:
         "meta": [sample.meta for sample in samples],
         "positions": [sample.position for sample in samples],
     }
+    with_pixels = [sample.pixels for sample in samples if sample.pixels is not None]
+    if with_pixels:
+        # (B, H, W, 3) uint8; a sample without pixels (a zero-weight placeholder) gets a black image
+        shapes = {pixels.shape for pixels in with_pixels}
+        if len(shapes) > 1:
+            raise ValueError(f"batch mixes pixel shapes {sorted(shapes)}: batch each bucket separately")
+        blank = np.zeros_like(with_pixels[0])
+        batch["pixels"] = torch.from_numpy(np.stack([blank if s.pixels is None else s.pixels for s in samples]))
+    return batch
 
 
 def load_null_text(uri: str) -> np.ndarray:

@@ -34,6 +34,9 @@ class CacheSample:
     text: np.ndarray  # (L, D) float32, real tokens only
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # (H, W, 3) uint8: the preprocessed image the latent was encoded from (Hi-DiT's pixel branch trains on it);
+    # None when the cache was written without `output.store_pixels`.
+    pixels: np.ndarray | None = None
     # (shard index in the reader's shard list, sample index within the shard); set by the reader.
     position: tuple[int, int] | None = None
 
@@ -161,6 +164,11 @@ def encode_sample(sample: CacheSample, *, latent_dtype: LatentDtype, text_dtype:
         files["text_scale.npy"] = npy_bytes(scales)
     else:
         raise ValueError(f"text_dtype {text_dtype!r} is not one of 'fp16', 'int8'")
+    if sample.pixels is not None:
+        if sample.pixels.dtype != np.uint8 or sample.pixels.ndim != 3 or sample.pixels.shape[-1] != 3:
+            raise ValueError(f"sample {key!r}: pixels must be (H, W, 3) uint8, got {sample.pixels.dtype} "
+                             f"{sample.pixels.shape}")
+        files["pixels.npy"] = npy_bytes(sample.pixels)
     meta = {**sample.meta, STORAGE_META_KEY: {"latent": latent_dtype, "text": text_dtype}}
     files["caption.txt"] = sample.caption.encode("utf-8")
     files["meta.json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
@@ -200,6 +208,15 @@ def _decode_text(raw: dict[str, Any]) -> np.ndarray:
     return text
 
 
+def _decode_pixels(raw: dict[str, Any]) -> np.ndarray | None:
+    if "pixels.npy" not in raw:
+        return None
+    pixels = _load_npy(raw, "pixels.npy")
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise CacheFormatError(f"{_where(raw)}: pixels.npy must be (H, W, 3) uint8, got {pixels.dtype} {pixels.shape}")
+    return pixels
+
+
 def decode_sample(raw: dict[str, Any]) -> CacheSample:
     """A raw WebDataset sample (bytes or memoryview per file) -> `CacheSample`; also reads the reference layout."""
     latent_name = "latent.npy" if "latent.npy" in raw else "latents.npy"
@@ -224,4 +241,5 @@ def decode_sample(raw: dict[str, Any]) -> CacheSample:
         text=_decode_text(raw),
         caption=caption,
         meta=meta,
+        pixels=_decode_pixels(raw),
     )

@@ -164,3 +164,26 @@ def test_int8_text_of_a_1000_character_prompt_is_at_least_3x_smaller_than_refere
     mask = np.arange(384) < 250
     reference = len(npy(padded)) + len(npy(mask))
     assert reference / ours >= 3.0
+
+
+def test_pixels_round_trip_exactly_and_are_absent_unless_stored(make_sample):
+    sample = make_sample("k1")
+    assert decode_sample(encode_sample(sample, latent_dtype="fp16", text_dtype="fp16")).pixels is None
+    sample.pixels = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    files = encode_sample(sample, latent_dtype="fp16", text_dtype="int8")
+    decoded = decode_sample(files)
+    assert decoded.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(decoded.pixels, sample.pixels)
+
+
+@pytest.mark.parametrize("pixels", [np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8),
+                                    np.zeros((8, 8, 4), np.uint8)])
+def test_pixels_that_are_not_hw3_uint8_are_refused_on_write_and_on_read(make_sample, pixels):
+    sample = make_sample("k1")
+    sample.pixels = pixels
+    with pytest.raises(ValueError, match="pixels must be"):
+        encode_sample(sample, latent_dtype="fp16", text_dtype="fp16")
+    files = encode_sample(make_sample("k1"), latent_dtype="fp16", text_dtype="fp16")
+    files["pixels.npy"] = npy(pixels)
+    with pytest.raises(CacheFormatError, match="pixels.npy"):
+        decode_sample(files)

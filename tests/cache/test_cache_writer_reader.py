@@ -159,3 +159,13 @@ def test_null_text_round_trips_as_float32(tmp_path):
     write_null_text(str(tmp_path), null)
     assert os.path.exists(tmp_path / "null_text.npy")
     np.testing.assert_array_equal(load_null_text(layout.null_text_uri(str(tmp_path))), null)
+
+
+def test_collate_stacks_pixels_and_gives_a_sample_without_them_a_black_image(make_sample):
+    samples = [make_sample(f"k{i}", seed=i) for i in range(3)]
+    for sample in samples[:2]:
+        sample.pixels = np.full((64, 64, 3), 200, np.uint8)
+    batch = collate(samples)
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (3, 64, 64, 3)
+    assert int(batch["pixels"][:2].min()) == 200 and int(batch["pixels"][2].max()) == 0
+    assert "pixels" not in collate(samples[2:])

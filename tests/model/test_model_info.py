@@ -37,3 +37,11 @@ def test_model_info_rejects_an_unknown_preset(capsys):
     with pytest.raises(SystemExit):
         main(["model-info", "--preset", "NoSuchDiT"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["HiDiT-B/2", "HiDiT-tiny"])
+def test_model_info_knows_the_hidit_presets_and_counts_their_pixel_stream(capsys, preset):
+    assert main(["model-info", "--preset", preset]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["pixel_stream"] and info["modules"]["pixel_stream"] > 0
+    assert sum(info["modules"].values()) == info["params"]

@@ -72,7 +72,7 @@ def test_activation_checkpointing_keeps_state_dict_keys_and_gradients():
 
 
 def test_the_shipped_configs_validate():
-    for name in ("tiny-cpu", "hybriddit-148m", "lit-tiny-cpu"):
+    for name in ("tiny-cpu", "hybriddit-148m", "lit-tiny-cpu", "hidit-stage1-tiny-cpu", "hidit-stage2-tiny-cpu"):
         assert load_config(TrainJobConfig, f"configs/train/{name}.yaml").run_name == name
 
 
@@ -145,7 +145,7 @@ def test_the_objective_adds_lambda1_noise_and_lambda2_variance_to_flow_matching(
     batch = {"latent": torch.randn(3, model.latent_channels, model.latent_size, model.latent_size),
              "text": torch.randn(3, 2, model.text_dim), "text_mask": torch.ones(3, 2, dtype=torch.bool),
              "weights": torch.ones(3)}
-    objective = Objective(config, None, teacher, patch_size=model.patch_size)
+    objective = Objective(config, None, teacher, model_config=model)
     loss = objective.loss(student, batch, torch.Generator().manual_seed(5))
     noised = noise_batch(batch["latent"], batch["text"], batch["text_mask"], sampling=config.timesteps,
                          generator=torch.Generator().manual_seed(5), patch_size=model.patch_size)

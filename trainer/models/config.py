@@ -38,6 +38,16 @@ class DiTConfig(StrictModel):
     position: Literal["none", "learned", "rope2d"] = "none"
     refiner_depth: int = Field(0, ge=0, description="image-only and text-only refiner blocks before fusion")
     fourier_filter: bool = Field(False, description="zero-gated global Fourier filter on image tokens per block")
+    # Hi-DiT (seed 004): a pixel stream through the same trunk. t=1 is noise (trainer/flow_matching.py), so the
+    # low-noise regime where pixel tokens are injected is t < pixel_gate_t.
+    pixel_stream: bool = Field(False, description="Hi-DiT: time-gated pixel-token embedding + sub-pixel pixel head")
+    pixel_factor: int = Field(8, ge=1, description="image pixels per latent pixel (the codec's downsampling)")
+    pixel_gate_t: float = Field(0.3, ge=0, le=1, description="pixel tokens are added only for t < this")
+    # REPA (used by Hi-DiT's recipe): an MLP projects the image tokens after `repa_depth` blocks to a frozen image
+    # encoder's features (trainer/representation.py), aligned by the train job's `repa` loss.
+    repa_depth: int | None = Field(None, ge=1, description="REPA projector after this many blocks; None = no REPA")
+    repa_dim: int = Field(384, ge=1, description="the frozen encoder's feature width (DINOv2-small: 384)")
+    repa_hidden: int = Field(2048, ge=1, description="hidden width of the REPA projector MLP")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> DiTConfig:
@@ -51,6 +61,10 @@ class DiTConfig(StrictModel):
             raise ValueError(f"full_attention_blocks {bad} are outside 0..{self.depth - 1}")
         if self.text_drop_block is not None and self.text_drop_block > self.depth:
             raise ValueError(f"text_drop_block={self.text_drop_block} is beyond depth={self.depth}")
+        if self.repa_depth is not None and self.repa_depth > self.depth:
+            raise ValueError(f"repa_depth={self.repa_depth} is beyond depth={self.depth}")
+        if self.pixel_stream and self.refiner_depth:
+            raise ValueError("pixel_stream adds pixel tokens to the trunk's image tokens; refiner_depth must be 0")
         if self.latent_size % self.patch_size:
             raise ValueError(f"latent_size={self.latent_size} is not divisible by patch_size={self.patch_size}")
         return self
@@ -60,6 +74,11 @@ class DiTConfig(StrictModel):
 
     def has_cross_attention(self, block: int) -> bool:
         return self.cross_attention and (self.cross_attention_in == "all" or self.is_full_attention(block))
+
+    @property
+    def pixel_patch(self) -> int:
+        """Side of the pixel patch behind one image token."""
+        return self.pixel_factor * self.patch_size
 
 
 _REFERENCE = DiTConfig()
@@ -85,6 +104,9 @@ _SINGLE_STREAM = DiTConfig(
     position="rope2d", refiner_depth=2, fourier_filter=True,
 )
 
+# Hi-DiT (seed 004): the joint DiT-B/2 (the seed's SiT is a plain DiT) with a time-gated pixel stream on f8 latents.
+_HIDIT = _JOINT.model_copy(update={"pixel_stream": True, "pixel_factor": 8})
+
 _TINY = {"dim": 64, "heads": 4, "depth": 4, "text_dim": 32, "text_len": 16, "latent_size": 8}
 
 
@@ -108,6 +130,8 @@ MODEL_PRESETS: dict[str, DiTConfig] = {
     "LiT-tiny": _tiny(_LIT),
     "CrossDiT-tiny": _tiny(_CROSS, full_attention_blocks=[0, 1, 2, 3]),
     "LiT-T2I-tiny": _tiny(_LIT_T2I),
+    "HiDiT-B/2": _HIDIT,
+    "HiDiT-tiny": _tiny(_HIDIT, full_attention_blocks=[0, 1, 2, 3]),
     "SingleStreamDiT-tiny": _tiny(_SINGLE_STREAM, latent_channels=4, full_attention_blocks=[0, 1, 2, 3], refiner_depth=1),
 }
 DEFAULT_PRESET = "HybridDiT-148M"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,8 @@ from trainer.models.layers import (
     FinalLayer,
     FourierFilter,
     MixFFN,
+    RepaProjector,
+    SubPixelHead,
     layer_norm,
     modulate,
 )
@@ -75,8 +79,44 @@ def _block(config: DiTConfig, cond_dim: int, index: int) -> DiTBlock:
     return DiTBlock(config.dim, cond_dim, attn, _ffn(config), cross, fourier)
 
 
+class DiTOutputs(NamedTuple):
+    """What a forward that asks for more than the latent velocity returns."""
+
+    velocity: torch.Tensor  # like x
+    pixel_velocity: torch.Tensor | None  # (B, 3, H*f, W*f) when pixels were given
+    repa_tokens: torch.Tensor | None  # (B, h*w, repa_dim) when repa=True
+    grid: Grid
+
+
+class PixelStream(nn.Module):
+    """Hi-DiT's pixel branch: patchified noisy pixels added to the image tokens in the low-noise regime only, and
+    the sub-pixel head that predicts the pixel-space velocity from the trunk's last features."""
+
+    def __init__(self, config: DiTConfig, cond_dim: int):
+        super().__init__()
+        self.gate_t = config.pixel_gate_t
+        self.embed = nn.Conv2d(3, config.dim, config.pixel_patch, stride=config.pixel_patch)
+        self.head = SubPixelHead(cond_dim, config.dim, config.pixel_patch)
+
+    def gate(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) True where pixel tokens are injected: t < pixel_gate_t (t=1 is noise)."""
+        return t < self.gate_t
+
+    def inject(self, image: torch.Tensor, pixels: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """image tokens (B, N, D) + pixel tokens where gated; elsewhere `image` itself, bit for bit."""
+        tokens = grid_to_image(self.embed(pixels))  # (B, N, D)
+        if tokens.shape != image.shape:
+            raise ValueError(f"pixels of shape {tuple(pixels.shape)} give {tokens.shape[1]} tokens for "
+                             f"{image.shape[1]} latent tokens: pixels must be pixel_factor x the latent size")
+        return torch.where(self.gate(t)[:, None, None], image + tokens, image)
+
+
 class HybridDiT(nn.Module):
-    """Velocity model `v(x_t, t, text)`; the config selects the hybrid, joint, LiT or single-stream variant."""
+    """Velocity model `v(x_t, t, text)`; the config selects the hybrid, joint, LiT, single-stream or Hi-DiT variant.
+
+    With `pixel_stream` (Hi-DiT) and noisy `pixels` given, or `repa=True`, it returns `DiTOutputs`; without
+    them it is the latent-only model of Hi-DiT's stage 1 (and of sampling in latent space).
+    """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -99,10 +139,14 @@ class HybridDiT(nn.Module):
         )
         self.blocks = nn.ModuleList(_block(config, cond_dim, i) for i in range(config.depth))
         self.final = FinalLayer(cond_dim, dim, patch * patch * config.latent_channels)
+        self.pixel_stream = PixelStream(config, cond_dim) if config.pixel_stream else None
+        self.repa_projector = (RepaProjector(dim, config.repa_hidden, config.repa_dim)
+                               if config.repa_depth is not None else None)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Xavier for projections; every adaLN head, cross-attention output and the final layer start at zero."""
+        """Xavier for projections; every adaLN head, cross-attention output, the final layer and the pixel stream's
+        embedding and head start at zero (so switching the pixel branch on leaves a trained latent model as it was)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -121,6 +165,10 @@ class HybridDiT(nn.Module):
                 nn.init.zeros_(module.proj.bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+        if self.pixel_stream is not None:
+            for tensor in (self.pixel_stream.embed.weight, self.pixel_stream.embed.bias,
+                           self.pixel_stream.head.final.linear.weight, self.pixel_stream.head.final.linear.bias):
+                nn.init.zeros_(tensor)
 
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         """Latents (B, C, H, W) -> image tokens (B, h*w, D); the grid follows the input size."""
@@ -138,10 +186,20 @@ class HybridDiT(nn.Module):
             feature_map = feature_map + pos
         return grid_to_image(feature_map), tuple(feature_map.shape[-2:])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W) noisy latents, t (B,) with t=1 noise, text (B, L, text_dim), mask True=real -> v like x."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None,
+                pixels: torch.Tensor | None = None, repa: bool = False) -> torch.Tensor | DiTOutputs:
+        """x (B, C, H, W) noisy latents, t (B,) with t=1 noise, text (B, L, text_dim), mask True=real -> v like x.
+
+        Hi-DiT: with `pixels` (B, 3, H*f, W*f), the noisy image at the same t in [-1, 1], the outputs carry the
+        pixel velocity; with `repa`, the projected image tokens after `repa_depth` blocks.
+        """
+        if repa and self.repa_projector is None:
+            raise ValueError("repa=True needs a model with repa_depth set")
         image, grid = self.embed_image(x)
+        if pixels is not None:
+            if self.pixel_stream is None:
+                raise ValueError(f"pixels were given to a model without pixel_stream ({type(self).__name__})")
+            image = self.pixel_stream.inject(image, pixels, t)
         tokens = self.text_proj(text)  # (B, L, D)
         cond = self.conditioning(t, text, text_mask)
         rope = None
@@ -155,6 +213,12 @@ class HybridDiT(nn.Module):
             # token funnel: from `text_drop_block` on, text tokens stop being processed (kept for cross-attention)
             joint = self.config.text_drop_block is None or index < self.config.text_drop_block
             image, tokens = block(image, tokens, text_mask, cond, grid, rope, joint=joint)
+            if repa and index + 1 == self.config.repa_depth:
+                repa_tokens = self.repa_projector(image)
         out = self.final(image, cond)  # (B, h*w, p*p*C)
         batch, patch = x.shape[0], self.config.patch_size
-        return F.pixel_shuffle(out.transpose(1, 2).reshape(batch, -1, *grid), patch)
+        velocity = F.pixel_shuffle(out.transpose(1, 2).reshape(batch, -1, *grid), patch)
+        if pixels is None and not repa:
+            return velocity
+        return DiTOutputs(velocity, None if pixels is None else self.pixel_stream.head(image, cond, grid),
+                          repa_tokens if repa else None, grid)

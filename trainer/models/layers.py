@@ -120,3 +120,30 @@ class FinalLayer(nn.Module):
     def forward(self, image: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift, scale = self.ada_ln(cond)
         return self.linear(modulate(self.norm(image), shift, scale))
+
+
+class RepaProjector(nn.Module):
+    """REPA's projector: image tokens -> the frozen encoder's feature space (a 3-layer SiLU MLP, as in SiT+REPA)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, out_dim))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.mlp(image)  # (B, N, out_dim)
+
+
+class SubPixelHead(nn.Module):
+    """Hi-DiT's high-frequency pixel predictor: per-token pixel patches (a zero-initialised final layer), then
+    PixelShuffle to the image grid."""
+
+    def __init__(self, cond_dim: int, dim: int, pixel_patch: int, channels: int = 3):
+        super().__init__()
+        self.pixel_patch = pixel_patch
+        self.final = FinalLayer(cond_dim, dim, pixel_patch * pixel_patch * channels)
+
+    def forward(self, image: torch.Tensor, cond: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Image tokens (B, h*w, D) -> pixel-space output (B, channels, h*p, w*p)."""
+        out = self.final(image, cond)  # (B, h*w, p*p*channels)
+        return F.pixel_shuffle(out.transpose(1, 2).reshape(image.shape[0], -1, *grid), self.pixel_patch)
