@@ -18,6 +18,10 @@ from tests.fixtures.ray_cluster import REPO
 from tests.trainer.test_train_job import driver_processes, project_warnings, summary_of
 from trainer.checkpoint import complete_steps, load_latest
 
+# Each runs the encode job and the recipe's train jobs on a Ray cluster: minutes apiece on 2 cores, so `make
+# test-slow`; the default suite covers the same recipes in process (test_loop.py, test_hidit_training.py).
+pytestmark = pytest.mark.slow
+
 ENCODE = "configs/encode/hidit-classfolder-taef2-pixels.yaml"
 STAGE1, STAGE2 = "configs/train/hidit-stage1-tiny-cpu.yaml", "configs/train/hidit-stage2-tiny-cpu.yaml"
 DIGITS = 64
@@ -138,7 +142,6 @@ def kill_after_first_checkpoint(cluster, argv: list[str], checkpoints: str, firs
     return complete_steps(checkpoints)[-1]
 
 
-@pytest.mark.slow
 def test_a_killed_stage_one_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
         ray_cluster, s3_server, hidit_cache, stage1):
     checkpoints = s3_server.uri("hidit-tests", "stage1-killed", "checkpoints")
@@ -151,7 +154,6 @@ def test_a_killed_stage_one_job_resubmitted_resumes_and_ends_like_an_uninterrupt
     assert resumed["replica_fingerprints"] == pytest.approx(stage1["replica_fingerprints"], rel=1e-6)
 
 
-@pytest.mark.slow
 def test_a_killed_stage_two_job_resubmitted_resumes_its_own_checkpoint_and_ends_like_an_uninterrupted_run(
         ray_cluster, s3_server, hidit_cache, stage1, stage2):
     checkpoints = s3_server.uri("hidit-tests", "stage2-killed", "checkpoints")

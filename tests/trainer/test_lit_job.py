@@ -19,6 +19,10 @@ from trainer.checkpoint import EXPORT_DIR, complete_steps, step_dir_name
 from trainer.export import LatentNormalisation, read_exported_config, save_exported_model
 from trainer.models import build_model, resolve_config
 
+# Each runs the encode job and the recipe's train jobs on a Ray cluster: minutes apiece on 2 cores, so `make
+# test-slow`; the default suite covers the same recipes in process (test_loop.py, test_hidit_training.py).
+pytestmark = pytest.mark.slow
+
 STEPS = 12
 
 
@@ -113,7 +117,6 @@ def test_a_teacher_of_other_encoders_stops_the_lit_job_before_training(ray_clust
     assert not complete_steps(s3_server.uri("lit-tests", "wrong", "ckpt"))
 
 
-@pytest.mark.slow
 def test_a_killed_lit_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
         ray_cluster, s3_server, encoded_cache, teacher_export, uninterrupted_lit):
     teacher_uri, card = teacher_export
