@@ -4,10 +4,11 @@
 
 Starts a private SeaweedFS and Ray head on loopback (2 CPUs). Both arms encode the same folder of
 bundled photos with taef2 + MiniLM and write the cache to S3: (a) `pipelines.local_loop.run_local`
-in this process, (b) `ray job submit -- python pipelines/encode_latents.py`. The ratio compares the steady rates, the
-images/s after the first sample is written (a corpus of millions of images pays the startup once);
-the startup (the Ray job's workers started and encoders loaded; the bare loop builds its encoders
-before its clock starts) and the whole-run rates are printed beside it. Then the cache size per
+in this process, (b) `ray job submit -- python pipelines/encode_latents.py`. The ratio compares
+the steady rates: images/s through the middle half of each run (between the writes that pass a
+quarter and three quarters of the images), what a corpus of millions of images sees once the
+startup is paid and the pipeline is full. The startup (until the first sample is written: on Ray,
+workers started and encoders loaded; the bare loop builds its encoders before its clock starts) and the whole-run rates are printed beside it. Then the cache size per
 sample: the reference layout (text padded to 384 x 768 fp16 + mask) vs real-token text in fp16 and
 int8, for fine-t2i-length prompts with DC-AE's 32 x 16 x 16 latents, and int8's cosine to fp32.
 """

@@ -59,19 +59,27 @@ class JobSummary(BaseModel):
     bytes_written: int
     seconds: float
     images_per_second: float  # from the first unit scheduled to the last written
-    # The time until the first sample is written (on Ray: workers started, encoders loaded) and the rate after it:
-    # what a corpus of millions of images sees, where the startup is paid once.
+    # The time until the first sample is written (on Ray: workers started, encoders loaded), and the rate through
+    # the middle half of the run: what a corpus of millions of images sees, where the startup is paid once.
     startup_seconds: float
     steady_images_per_second: float
     cache_samples: int
     cache_bytes_per_sample: float
 
 
-def steady_rate(first_written: tuple[float, int] | None, samples_written: int, ended: float, overall: float) -> float:
-    """Samples per second after the first written account; the overall rate when nothing came after it."""
-    if first_written is None or samples_written == first_written[1] or ended <= first_written[0]:
+def steady_rate(written_at: list[tuple[float, int]], overall: float) -> float:
+    """Samples per second between the moments the written count passed a quarter and three quarters of its final
+    value (`written_at`: (time, samples written by then) per account). A pipelined run has as much work in flight at
+    both moments, so neither the startup nor the filling of the pipeline counts; the overall rate when the run is too
+    short to tell."""
+    if not written_at:
         return overall
-    return (samples_written - first_written[1]) / (ended - first_written[0])
+    total = written_at[-1][1]
+    start = next(point for point in written_at if point[1] >= total / 4)
+    end = next(point for point in written_at if point[1] >= 3 * total / 4)
+    if end[0] <= start[0] or end[1] == start[1]:
+        return overall
+    return (end[1] - start[1]) / (end[0] - start[0])
 
 
 def selected_units(job: EncodeJobConfig) -> list[InputUnit]:
@@ -196,7 +204,7 @@ def run_encode(
         ledger = UnitLedger(to_run)
         bar = tqdm(total=len(to_run), unit="unit", desc="encode", disable=not job.progress_bar, mininterval=2.0)
         run_started = time.monotonic()
-        first_written: tuple[float, int] | None = None  # (when, samples written by then)
+        written_at: list[tuple[float, int]] = []  # (when, samples written by then), per account that wrote some
         with bar:
             for account in execute(to_run, card) if to_run else ():
                 progress = ledger.record(account)
@@ -204,16 +212,15 @@ def run_encode(
                     lease.check()
                     write_progress(job.output.uri, progress)
                     bar.update(1)
-                if first_written is None and ledger.samples_written:
-                    first_written = (time.monotonic(), ledger.samples_written)
+                if ledger.samples_written > (written_at[-1][1] if written_at else 0):
+                    written_at.append((time.monotonic(), ledger.samples_written))
                 rate = ledger.samples_written / max(time.monotonic() - run_started, 1e-9)
                 bar.set_postfix(samples=ledger.samples_written, dropped=sum(ledger.failures.values()),
                                 img_s=f"{rate:.1f}", refresh=False)  # fmt: skip
                 if on_rate is not None:
                     on_rate(rate)
         failed = ledger.close()
-        run_ended = time.monotonic()
-        run_seconds = run_ended - run_started
+        run_seconds = time.monotonic() - run_started
         for unit, reason in failed.items():
             logger.error("unit %s did not finish (%s); the next run redoes it", unit, reason)
         lease.check()
@@ -234,8 +241,8 @@ def run_encode(
         bytes_written=sum(shard.num_bytes for progress in ledger.finished for shard in progress.shards),
         seconds=time.monotonic() - started,
         images_per_second=overall_rate,
-        startup_seconds=first_written[0] - run_started if first_written else run_seconds,
-        steady_images_per_second=steady_rate(first_written, ledger.samples_written, run_ended, overall_rate),
+        startup_seconds=written_at[0][0] - run_started if written_at else run_seconds,
+        steady_images_per_second=steady_rate(written_at, overall_rate),
         cache_samples=manifest.num_samples,
         cache_bytes_per_sample=manifest.num_bytes / max(manifest.num_samples, 1),
     )

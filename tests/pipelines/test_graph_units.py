@@ -383,10 +383,10 @@ def test_a_partition_index_outside_the_count_is_refused(folder, tmp_path):
         job_config(folder, tmp_path / "out", partition={"index": 2, "count": 2})
 
 
-def test_the_steady_rate_counts_only_what_was_written_after_the_first_sample():
+def test_the_steady_rate_is_the_rate_through_the_middle_half_of_the_written_samples():
     from pipelines.job import steady_rate
 
-    # 16 samples at t=20 s (after the startup), 64 in all at t=28 s: 48 samples in 8 s.
-    assert steady_rate((20.0, 16), 64, 28.0, overall=2.0) == 6.0
-    assert steady_rate((20.0, 16), 16, 28.0, overall=2.0) == 2.0  # nothing after the first: the overall rate
-    assert steady_rate(None, 0, 28.0, overall=0.0) == 0.0
+    # Startup until t=20 s, then 16 samples every 2 s up to 64: a quarter (16) at 20 s, three quarters (48) at 24 s.
+    assert steady_rate([(20.0, 16), (22.0, 32), (24.0, 48), (26.0, 64)], overall=2.0) == 8.0
+    assert steady_rate([(20.0, 64)], overall=2.0) == 2.0  # one write: too short to tell, the overall rate
+    assert steady_rate([], overall=0.0) == 0.0
