@@ -8,8 +8,8 @@ in this process, (b) `ray job submit -- python pipelines/encode_latents.py`. The
 the steady rates: images/s through the middle half of each run (between the writes that pass a
 quarter and three quarters of the images), what a corpus of millions of images sees once the
 startup is paid and the pipeline is full. The startup (until the first sample is written: on Ray,
-workers started and encoders loaded; the bare loop builds its encoders before its clock starts) and the whole-run rates are printed beside it. Then the cache size per
-sample: the reference layout (text padded to 384 x 768 fp16 + mask) vs real-token text in fp16 and
+workers started and encoders loaded; the bare loop builds its encoders before its clock starts)
+and the whole-run rates are printed beside it. Then the cache size per sample: the reference layout (text padded to 384 x 768 fp16 + mask) vs real-token text in fp16 and
 int8, for fine-t2i-length prompts with DC-AE's 32 x 16 x 16 latents, and int8's cosine to fp32.
 """
 
