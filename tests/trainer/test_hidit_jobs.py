@@ -5,17 +5,13 @@ with the other models' checkpoint/resume guarantees."""
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
 from pipelines.demo.corpus import load_digit_split, write_digit_class_folders
 from services.cache.manifest import read_manifest
-from tests.fixtures.ray_cluster import REPO
-from tests.trainer.test_train_job import driver_processes, project_warnings, summary_of
+from tests.trainer.test_train_job import kill_driver_after_checkpoint, project_warnings, summary_of
 from trainer.checkpoint import complete_steps, load_latest
 
 # Each runs the encode job and the recipe's train jobs on a Ray cluster: minutes apiece on 2 cores, so `make
@@ -121,32 +117,11 @@ def test_the_stage_two_export_generates_with_the_sde_sampler_a_guidance_interval
     assert hybrid.shape == images.shape and torch.isfinite(hybrid).all() and not torch.equal(hybrid, images)
 
 
-def kill_after_first_checkpoint(cluster, argv: list[str], checkpoints: str, first: int) -> int:
-    """Submit, SIGKILL the job's driver once a checkpoint of its own (step > `first`) is complete; its step."""
-    job = subprocess.Popen(cluster.submit_command(argv), cwd=REPO, env=cluster.env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not [step for step in complete_steps(checkpoints) if step > first]:
-            assert time.monotonic() < deadline and job.poll() is None, "no checkpoint appeared"
-            time.sleep(0.5)
-        drivers = driver_processes(checkpoints)
-        assert drivers
-        for process in drivers:
-            process.send_signal(signal.SIGKILL)
-        job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    time.sleep(10)  # Ray reaps the dead job's training workers and frees their CPUs
-    return complete_steps(checkpoints)[-1]
-
-
 def test_a_killed_stage_one_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
         ray_cluster, s3_server, hidit_cache, stage1):
     checkpoints = s3_server.uri("hidit-tests", "stage1-killed", "checkpoints")
     argv = stage1_argv(hidit_cache, checkpoints)
-    saved = kill_after_first_checkpoint(ray_cluster, argv, checkpoints, 0)
+    saved = kill_driver_after_checkpoint(ray_cluster, argv, checkpoints)
     assert 0 < saved < STAGE1_STEPS
     resumed, log = submit(ray_cluster, argv)
     assert re.search(rf"resumed from \S+ at step {saved}", log)
@@ -158,7 +133,7 @@ def test_a_killed_stage_two_job_resubmitted_resumes_its_own_checkpoint_and_ends_
         ray_cluster, s3_server, hidit_cache, stage1, stage2):
     checkpoints = s3_server.uri("hidit-tests", "stage2-killed", "checkpoints")
     argv = stage2_argv(hidit_cache, checkpoints, stage1["checkpoints"])
-    saved = kill_after_first_checkpoint(ray_cluster, argv, checkpoints, STAGE1_STEPS)
+    saved = kill_driver_after_checkpoint(ray_cluster, argv, checkpoints, after_step=STAGE1_STEPS)
     assert STAGE1_STEPS < saved < STAGE2_STEPS
     resumed, log = submit(ray_cluster, argv)
     assert re.search(rf"resumed from \S+ at step {saved}", log) and "continuing run" not in log

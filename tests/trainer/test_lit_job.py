@@ -5,16 +5,13 @@ every train job."""
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import time
 
 import pytest
 
 from services import storage
-from tests.fixtures.ray_cluster import REPO, new_submission_id
+from tests.fixtures.ray_cluster import new_submission_id
 from tests.model.model_helpers import randomize_weights
-from tests.trainer.test_train_job import driver_processes, project_warnings, summary_of
+from tests.trainer.test_train_job import kill_driver_after_checkpoint, project_warnings, summary_of
 from trainer.checkpoint import EXPORT_DIR, complete_steps, step_dir_name
 from trainer.export import LatentNormalisation, read_exported_config, save_exported_model
 from trainer.models import build_model, resolve_config
@@ -122,24 +119,8 @@ def test_a_killed_lit_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run
     teacher_uri, card = teacher_export
     checkpoints = s3_server.uri("lit-tests", "killed", "checkpoints")
     argv = lit_argv(encoded_cache, teacher_uri, card, checkpoints)
-    job = subprocess.Popen(ray_cluster.submit_command(argv), cwd=REPO, env=ray_cluster.env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not complete_steps(checkpoints):
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.5)
-        drivers = driver_processes(checkpoints)
-        assert drivers
-        for process in drivers:
-            process.send_signal(signal.SIGKILL)
-        job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    saved_step = complete_steps(checkpoints)[-1]
+    saved_step = kill_driver_after_checkpoint(ray_cluster, argv, checkpoints)
     assert 0 < saved_step < STEPS
-    time.sleep(10)  # Ray reaps the dead job's training workers and frees their CPUs
     result = ray_cluster.submit(argv, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert re.search(r"resumed from \S+ at step (\d+)", result.stdout + result.stderr)

@@ -80,17 +80,14 @@ def driver_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.slow
-def test_a_killed_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
-        ray_cluster, s3_server, s3_cache, uninterrupted):
-    checkpoints = s3_server.uri("trainer-tests", "killed", "checkpoints")
-    argv = train_argv(s3_cache, checkpoints)
-    job = subprocess.Popen(ray_cluster.submit_command(argv), cwd=REPO, env=ray_cluster.env,
+def kill_driver_after_checkpoint(cluster, argv: list[str], checkpoints: str, after_step: int = 0) -> int:
+    """Submit, SIGKILL the job's driver once a checkpoint of its own (step > `after_step`) is complete; that step."""
+    job = subprocess.Popen(cluster.submit_command(argv), cwd=REPO, env=cluster.env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not complete_steps(checkpoints):
-            assert time.monotonic() < deadline, "no checkpoint appeared"
+        while not [step for step in complete_steps(checkpoints) if step > after_step]:
+            assert time.monotonic() < deadline and job.poll() is None, "no checkpoint appeared"
             time.sleep(0.5)
         drivers = driver_processes(checkpoints)
         assert drivers
@@ -100,9 +97,17 @@ def test_a_killed_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
     finally:
         if job.poll() is None:
             job.kill()
-    saved_step = complete_steps(checkpoints)[-1]
-    assert 0 < saved_step < STEPS
     time.sleep(10)  # Ray reaps the dead job's training workers and frees their CPUs
+    return complete_steps(checkpoints)[-1]
+
+
+@pytest.mark.slow
+def test_a_killed_job_resubmitted_resumes_and_ends_like_an_uninterrupted_run(
+        ray_cluster, s3_server, s3_cache, uninterrupted):
+    checkpoints = s3_server.uri("trainer-tests", "killed", "checkpoints")
+    argv = train_argv(s3_cache, checkpoints)
+    saved_step = kill_driver_after_checkpoint(ray_cluster, argv, checkpoints)
+    assert 0 < saved_step < STEPS
     result = ray_cluster.submit(argv, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.search(r"resumed from \S+ at step (\d+)", result.stdout + result.stderr)
