@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,3 +85,19 @@ def load_config(model: type[ConfigT], path: str | Path | None = None, overrides:
 def dump_config(config: BaseModel) -> str:
     """The effective config as YAML, written next to every output."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def job_config_from_command_line(model: type[ConfigT], argv: list[str] | None, *, doc: str | None,
+                                 example_config: str, example_override: str) -> ConfigT:  # fmt: skip
+    """A job's `--config FILE [--set KEY=VALUE ...]` -> its validated config; an invalid one exits 2 with the error."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"YAML file ({example_config})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override, e.g. {example_override}")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        return load_config(model, args.config, args.set)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+

@@ -18,7 +18,6 @@ setting) and `sweep.png` (each metric against CFG scale, one line per sampler an
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -295,18 +294,11 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from services.config import ConfigError, load_config
+    from services.config import job_config_from_command_line
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file (configs/demo/evaluate.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. num_samples=100")
-    args = parser.parse_args(argv)
+    config = job_config_from_command_line(EvalConfig, argv, doc=__doc__, example_config="configs/demo/evaluate.yaml",
+                                          example_override="num_samples=100")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(EvalConfig, args.config, args.set)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
     report = evaluate(config)
     print("EVAL_REPORT " + json.dumps({"report_uri": report["report_uri"], "sweep": report["sweep"], **report["metrics"]}),
           flush=True)

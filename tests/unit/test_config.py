@@ -49,3 +49,16 @@ def test_missing_file_and_malformed_override_are_clear_errors(tmp_path):
         load_config(Job, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(Job, None, ["precision"])
+
+
+def test_a_job_command_line_gives_the_validated_config_or_exits_2_naming_the_field(tmp_path, capsys):
+    from services.config import job_config_from_command_line
+
+    path = tmp_path / "job.yaml"
+    path.write_text("name: run1\n")
+    options = dict(doc="a job", example_config="configs/job.yaml", example_override="precision=bf16")
+    config = job_config_from_command_line(Job, ["--config", str(path), "--set", "precision=bf16"], **options)
+    assert config == Job(name="run1", precision="bf16")
+    with pytest.raises(SystemExit) as exit_info:
+        job_config_from_command_line(Job, ["--set", "precision=fp16"], **options)
+    assert exit_info.value.code == 2 and "precision" in capsys.readouterr().err

@@ -15,7 +15,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -146,18 +145,11 @@ def photo_recall(config: PhotoRecallConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from services.config import ConfigError, load_config
+    from services.config import job_config_from_command_line
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file (configs/photos/recall.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. device=cuda")
-    args = parser.parse_args(argv)
+    config = job_config_from_command_line(PhotoRecallConfig, argv, doc=__doc__,
+                                          example_config="configs/photos/recall.yaml", example_override="device=cuda")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(PhotoRecallConfig, args.config, args.set)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
     report = photo_recall(config)
     summary = {mode: {key: scores[key] for key in ("mean_psnr", "mean_latent_rmse", "recall_at_1_psnr")}
                for mode, scores in report["modes"].items()}
