@@ -59,10 +59,10 @@ class Trace:
     memory: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
-def ray_processes(temp_dir: Path) -> dict[str, psutil.Process]:
+def ray_processes(temp_dir: Path) -> dict[int, psutil.Process]:
     """Every process the Ray head's raylet started (workers, actors, agents) and theirs (the job's driver, the
-    trainer's loader), keyed 'title [pid]'; other Ray clusters on the machine are left out."""
-    found: dict[str, psutil.Process] = {}
+    trainer's loader), by pid; other Ray clusters on the machine are left out."""
+    found: dict[int, psutil.Process] = {}
     for raylet in psutil.process_iter(["name", "cmdline"]):
         if raylet.info["name"] != "raylet" or str(temp_dir) not in " ".join(raylet.info["cmdline"] or []):
             continue
@@ -70,7 +70,7 @@ def ray_processes(temp_dir: Path) -> dict[str, psutil.Process]:
             try:
                 if process.name() in SHELLS:
                     continue
-                found[f"{process_title(process)} [{process.pid}]"] = process
+                found[process.pid] = process
             except psutil.Error:
                 continue  # it exited while being listed
     return found
@@ -87,15 +87,17 @@ def process_title(process: psutil.Process) -> str:
 
 def sample_while(job: subprocess.Popen, temp_dir: Path, progress: Callable[[], float], every: float) -> Trace:
     """Sample until the job's process exits."""
-    trace, started = Trace(), time.monotonic()
+    trace, started, names = Trace(), time.monotonic(), {}
     while job.poll() is None:
         now = time.monotonic() - started
-        for name, process in ray_processes(temp_dir).items():
+        for pid, process in ray_processes(temp_dir).items():
             try:
+                # the title a process had when first seen: a Ray worker retitles itself per task it runs
+                names.setdefault(pid, f"{process_title(process)} [{pid}]")
                 rss = process.memory_info().rss / MIB
             except psutil.Error:
                 continue  # it exited between listing and reading
-            trace.memory.setdefault(name, []).append((now, rss))
+            trace.memory.setdefault(names[pid], []).append((now, rss))
         try:
             trace.progress.append((now, progress()))
         except Exception as error:  # noqa: BLE001 - a progress read failing mid-run is reported, not fatal
@@ -141,25 +143,30 @@ def last_step(log: Path) -> Callable[[], float]:
 
 
 def verdict(trace: Trace, warmup: float) -> dict:
-    """Memory growth after the warm-up per long-lived process, and the rate in each fifth after it."""
+    """Memory growth after its warm-up per long-lived process, and the job's rate in each fifth after the warm-up.
+
+    A process's warm-up is the first `warmup` of its own life (the encoders' actors start well after the job), and
+    a process counts when it lived through at least half of the run.
+    """
     end = trace.progress[-1][0] if trace.progress else 0.0
-    warm = warmup * end
     processes = {}
     for name, series in trace.memory.items():
-        after = [rss for t, rss in series if t >= warm]
-        lived = series[0][0] <= warm and series[-1][0] >= 0.9 * end
-        if lived and after:
-            processes[name] = {"rss_at_warmup_mib": round(after[0], 1), "max_after_mib": round(max(after), 1),
-                               "growth": round(max(after) / after[0] - 1, 4)}  # fmt: skip
+        born, died = series[0][0], series[-1][0]
+        if died - born < 0.5 * end:
+            continue
+        after = [rss for t, rss in series if t >= born + warmup * (died - born)]
+        processes[name] = {"rss_at_warmup_mib": round(after[0], 1), "max_after_mib": round(max(after), 1),
+                           "growth": round(max(after) / after[0] - 1, 4)}  # fmt: skip
     times = np.array([t for t, _ in trace.progress])
     done = np.array([value for _, value in trace.progress])
-    edges = np.linspace(warm, end, 6)
+    edges = np.linspace(warmup * end, end, 6)
     rates = []
     for start, stop in zip(edges[:-1], edges[1:], strict=True):
         at = np.interp([start, stop], times, done) if len(times) else [0.0, 0.0]
         rates.append(round(float((at[1] - at[0]) / max(stop - start, 1e-9)), 3))
     return {"seconds": round(end, 1), "processes": processes, "rate_per_fifth": rates,
-            "max_growth": max((row["growth"] for row in processes.values()), default=0.0)}  # fmt: skip
+            "max_growth": max((row["growth"] for row in processes.values()), default=0.0),
+            "trace": {"progress": trace.progress, "memory": trace.memory}}  # fmt: skip
 
 
 def plot(trace: Trace, result: dict, title: str, unit: str, path: Path) -> None:
@@ -205,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=1000)
     parser.add_argument("--sample-every", type=float, default=2.0, help="seconds between samples")
     parser.add_argument("--warmup", type=float, default=0.2, help="fraction of each run counted as warm-up")
+    parser.add_argument("--jobs", choices=["both", "encode"], default="both",
+                        help="encode: the encode soak alone (the train soak needs its cache)")
     parser.add_argument("--plots", type=Path, default=REPO_ROOT / "out" / "soak")
     parser.add_argument("--json", type=Path, help="default: soak.json beside the plots")
     args = parser.parse_args(argv)
@@ -227,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             plot(trace, results["encode"], f"encode soak, {args.images:,} digits", "images/s",
                  args.plots / "soak_encode.png")  # fmt: skip
 
+            if args.jobs == "encode":
+                return save(results, args)
             log = scratch / "train.log"
             job = submit(head, env, "trainer/train.py", TRAIN_CONFIG, {
                 "data.uris": json.dumps([cache]), "validation.uris": json.dumps([cache]),
@@ -241,9 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             head.stop()
             s3.stop()
+    return save(results, args)
+
+
+def save(results: dict, args: argparse.Namespace) -> int:
     path = args.json or args.plots / "soak.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path} and the plots in {args.plots}")
+    path.write_text(json.dumps(results))
+    print(f"wrote {path} (with the sampled traces) and the plots in {args.plots}")
     return 0
 
 
