@@ -61,6 +61,7 @@ def test_the_package_install_is_quiet_and_brings_no_recommends():
 
 
 @pytest.mark.slow
+@pytest.mark.network  # pip installs a fresh .venv from PyPI
 def test_bootstrapping_a_fresh_copy_prints_only_its_result_line(tmp_path):
     """The whole install into a new .venv (~5 min on 2 cores, ~2 GB): no warning reaches the user."""
     clone = tmp_path / "clone"
