@@ -48,7 +48,8 @@ ENCODE_CONFIG = "configs/demo/encode.yaml"
 TRAIN_CONFIG = "configs/demo/train.yaml"
 STEP_LINE = re.compile(r"step (\d+): loss=")
 MIB = 1 << 20
-SHELLS = {"sh", "bash"}  # the job supervisor's `sh -c <entrypoint>` wrappers: nothing of theirs can grow
+SHELLS = {"sh", "bash", "sleep"}  # the job's `sh -c <entrypoint>` wrappers and their sleeps: nothing there grows
+GENERIC_TITLES = {"ray::IDLE", "default_worker.py"}  # a Ray worker before it runs an actor or task
 
 
 @dataclass
@@ -87,22 +88,25 @@ def process_title(process: psutil.Process) -> str:
 
 def sample_while(job: subprocess.Popen, temp_dir: Path, progress: Callable[[], float], every: float) -> Trace:
     """Sample until the job's process exits."""
-    trace, started, names = Trace(), time.monotonic(), {}
+    trace, started = Trace(), time.monotonic()
+    titles: dict[int, str] = {}
+    memory: dict[int, list[tuple[float, float]]] = {}
     while job.poll() is None:
         now = time.monotonic() - started
         for pid, process in ray_processes(temp_dir).items():
             try:
-                # the title a process had when first seen: a Ray worker retitles itself per task it runs
-                names.setdefault(pid, f"{process_title(process)} [{pid}]")
-                rss = process.memory_info().rss / MIB
+                title, rss = process_title(process), process.memory_info().rss / MIB
             except psutil.Error:
                 continue  # it exited between listing and reading
-            trace.memory.setdefault(names[pid], []).append((now, rss))
+            if pid not in titles or titles[pid] in GENERIC_TITLES:  # a worker takes its actor's title once it has one
+                titles[pid] = title
+            memory.setdefault(pid, []).append((now, rss))
         try:
             trace.progress.append((now, progress()))
         except Exception as error:  # noqa: BLE001 - a progress read failing mid-run is reported, not fatal
             print(f"progress read failed at {now:.0f} s: {error}", flush=True)
         time.sleep(every)
+    trace.memory = {f"{titles[pid]} [{pid}]": series for pid, series in memory.items()}
     return trace
 
 
