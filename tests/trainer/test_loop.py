@@ -27,13 +27,11 @@ def job(cache_uri, checkpoint_uri, **changes) -> TrainJobConfig:
     return TrainJobConfig.model_validate({**base, **changes})
 
 
-def test_an_interrupted_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(cache_uri, tmp_path):
-    config = job(cache_uri, str(tmp_path / "straight"))
-    straight = TrainingRun(config, resolve_cache(config))
-    straight.run()
-    config = job(cache_uri, str(tmp_path / "resumed"))
+def resume_after_a_kill_at_step_7(straight: TrainingRun, config) -> TrainingRun:
+    """Run `config` killed at step 7 (its last checkpoint: step 5), resume it to the end, and check that its model
+    and EMA equal those of the finished uninterrupted run `straight` bit for bit; the resumed run."""
     dataset = resolve_cache(config)
-    TrainingRun(config, dataset, stop_after=7).run()  # killed at step 7; the last checkpoint is step 5
+    TrainingRun(config, dataset, stop_after=7).run()
     resumed = TrainingRun(config, dataset)
     assert resumed.step == 5
     resumed.run()
@@ -41,6 +39,14 @@ def test_an_interrupted_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_o
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     for name, tensor in straight.ema.state_dict().items():
         assert torch.equal(tensor, resumed.ema.state_dict()[name]), name
+    return resumed
+
+
+def test_an_interrupted_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(cache_uri, tmp_path):
+    config = job(cache_uri, str(tmp_path / "straight"))
+    straight = TrainingRun(config, resolve_cache(config))
+    straight.run()
+    resumed = resume_after_a_kill_at_step_7(straight, job(cache_uri, str(tmp_path / "resumed")))
     assert straight.position == resumed.position
 
 
@@ -162,16 +168,7 @@ def test_an_interrupted_and_resumed_lit_run_ends_bitwise_equal_to_an_uninterrupt
     straight = TrainingRun(config, resolve_cache(config))
     assert straight.objective.teacher is not None
     straight.run()
-    config = lit_job(cache_uri, tmp_path, "resumed")
-    dataset = resolve_cache(config)
-    TrainingRun(config, dataset, stop_after=7).run()  # killed at step 7; the last checkpoint is step 5
-    resumed = TrainingRun(config, dataset)
-    assert resumed.step == 5
-    resumed.run()
-    for name, tensor in straight.model.state_dict().items():
-        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
-    for name, tensor in straight.ema.state_dict().items():
-        assert torch.equal(tensor, resumed.ema.state_dict()[name]), name
+    resume_after_a_kill_at_step_7(straight, lit_job(cache_uri, tmp_path, "resumed"))
 
 
 def test_a_teacher_trained_on_other_encoders_is_refused_naming_both(cache_uri, tmp_path):
