@@ -97,7 +97,6 @@ def image_size(pipeline: TextToImage, size: tuple[int, int] | None) -> tuple[int
     return height, width
 
 
-@torch.no_grad()
 def streams_velocity(model: nn.Module, text: torch.Tensor, text_mask: torch.Tensor):
     """Hi-DiT: `((x, pixels), t) -> (latent velocity, pixel velocity)` for one batch of captions."""
     def velocity(state: tuple[torch.Tensor, torch.Tensor], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +106,7 @@ def streams_velocity(model: nn.Module, text: torch.Tensor, text_mask: torch.Tens
     return velocity
 
 
+@torch.no_grad()  # else every sampler step keeps its autograd graph: gigabytes for a batch of 60
 def generate_images(pipeline: TextToImage, prompts: Sequence[str], settings: SamplerSettings,
                     size: tuple[int, int] | None = None) -> torch.Tensor:
     """(N, 3, H, W) images in [0, 1], one per prompt; batch k starts from noise seeded `settings.seed + its first

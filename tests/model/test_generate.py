@@ -94,3 +94,22 @@ def test_a_resolution_aware_shift_samples_a_larger_size_with_the_shift_its_token
     assert torch.equal(images((64, 64), **aware), images((64, 64), shift=1.5))
     assert torch.equal(images((128, 128), **aware), images((128, 128), shift=3.0))
     assert not torch.equal(images((128, 128), **aware), images((128, 128), shift=1.5))
+
+
+@pytest.mark.parametrize("preset, pixel_stream", [("HybridDiT-tiny", False), ("HiDiT-tiny", True)])
+def test_generation_runs_the_model_without_recording_gradients(preset, pixel_stream):
+    """Every model call of a sampler runs with autograd off: with it on, each step's graph is kept alive through
+    the next step's input, gigabytes for the demo's evaluation batches."""
+    import torch
+
+    from trainer.generation import build_text_to_image, generate_images
+    from trainer.samplers import SamplerSettings
+
+    model = build_model(resolve_config(preset).model_copy(update={"latent_channels": 32})).eval()
+    grad_enabled = []
+    model.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    pipeline = build_text_to_image(model, {"name": "taef2", "tiny": False}, TEXT_ENCODER, torch.device("cpu"), preset)
+    settings = SamplerSettings(steps=4, sampler="heun", cfg=2.0, pixel_stream=pixel_stream)
+    images = generate_images(pipeline, ["a cat", "a dog"], settings)
+    assert images.shape == (2, 3, 64, 64)
+    assert grad_enabled and not any(grad_enabled)
