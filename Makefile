@@ -45,7 +45,7 @@ demo: install
 	$(VENV)/bin/hybriddit exec -- $(PY) scripts/demo.py
 
 # Each benchmark prints its figures and the ratio it is judged by; see the README's Benchmarks section.
-BENCHMARKS := attention_scaling encode_throughput train_input checkpoint_transfer cache_scale demo_time gpu_train_step
+BENCHMARKS := attention_scaling encode_throughput train_input checkpoint_transfer cache_scale demo_time gpu_train_step lit_conversion hidit_stages
 
 bench: install
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(ON_LOOPBACK) $(PY) benchmarks/$$b.py || exit 1; done
