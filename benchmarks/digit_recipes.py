@@ -8,9 +8,13 @@ train job runs on each rank (trainer.loop.TrainingRun) in this process, one rank
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,3 +88,17 @@ def train_recipe(name: str, config_path: str, overrides: list[str]) -> RecipeRun
     print(f"[{name}] steps {first_step}-{trainer.step} in {run.seconds:.0f} s"
           + (f"; held-out loss {curve}" if curve else ""), flush=True)
     return run
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scratch", type=Path, help="working directory (default: a temporary one)")
+    parser.add_argument("--out", type=Path, help="write the report as JSON here")
+
+
+def run_comparison(compare: Callable[..., dict], args: argparse.Namespace, prefix: str, **settings) -> int:
+    """`compare(work_dir, **settings)` in --scratch or a temporary directory; its report to --out as JSON."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as temporary:
+        report = compare(args.scratch or Path(temporary), **settings)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0

@@ -19,10 +19,8 @@ the floor of every estimate that goes through the latent.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +29,13 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.digit_recipes import RecipeRun, encode_digits, train_recipe  # noqa: E402
+from benchmarks.digit_recipes import (  # noqa: E402
+    RecipeRun,
+    add_output_options,
+    encode_digits,
+    run_comparison,
+    train_recipe,
+)
 
 STAGE1 = "configs/train/hidit-stage1-tiny-cpu.yaml"
 STAGE2 = "configs/train/hidit-stage2-tiny-cpu.yaml"
@@ -114,15 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-steps", type=int, default=1000)
     parser.add_argument("--extra-steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--scratch", type=Path, help="working directory (default: a temporary one)")
-    parser.add_argument("--out", type=Path, help="write the errors as JSON here")
+    add_output_options(parser)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="hidit-stages-") as temporary:
-        result = compare(args.scratch or Path(temporary), stage1_steps=args.stage1_steps,
-                         extra_steps=args.extra_steps, batch_size=args.batch_size)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return run_comparison(compare, args, "hidit-stages-", stage1_steps=args.stage1_steps,
+                          extra_steps=args.extra_steps, batch_size=args.batch_size)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,20 @@ teacher's final held-out loss; `--out` writes them as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.digit_recipes import RecipeRun, encode_digits, train_recipe  # noqa: E402
+from benchmarks.digit_recipes import (  # noqa: E402
+    RecipeRun,
+    add_output_options,
+    encode_digits,
+    run_comparison,
+    train_recipe,
+)
 
 TEACHER_RECIPE = "configs/demo/train.yaml"
 STUDENT_RECIPE = "configs/train/lit-tiny-cpu.yaml"
@@ -86,16 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="a student reaches the teacher when its held-out loss is <= teacher's x (1 + this)")
-    parser.add_argument("--scratch", type=Path, help="working directory (default: a temporary one)")
-    parser.add_argument("--out", type=Path, help="write the curves and steps-to-target as JSON here")
+    add_output_options(parser)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="lit-conversion-") as temporary:
-        result = compare(args.scratch or Path(temporary), teacher_steps=args.teacher_steps,
-                         student_steps=args.student_steps, validate_every=args.validate_every,
-                         batch_size=args.batch_size, tolerance=args.tolerance)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return run_comparison(compare, args, "lit-conversion-", teacher_steps=args.teacher_steps,
+                          student_steps=args.student_steps, validate_every=args.validate_every,
+                          batch_size=args.batch_size, tolerance=args.tolerance)
 
 
 if __name__ == "__main__":

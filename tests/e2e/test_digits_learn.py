@@ -57,6 +57,7 @@ def train(ray_cluster, train_uri: str, validation_uris: list[str], checkpoints: 
 
 @pytest.mark.slow
 @pytest.mark.e2e
+@pytest.mark.timeout(2700)  # two encodes, 3,000 training steps (about 10 min on 2 quiet cores) and the evaluation
 def test_generated_digits_are_read_as_the_prompted_digit(ray_cluster, s3_server, tmp_path):
     corpus = tmp_path / "corpus"
     build_demo_corpus(corpus)
