@@ -36,7 +36,6 @@ def test_a_converted_lit_student_reaches_its_teacher_in_fewer_steps_than_one_tra
     assert all(converted["val_loss"][step] < loss for step, loss in scratch["val_loss"].items())
 
 
-
 def test_the_hidit_comparison_scores_every_run_at_every_noise_level_against_the_codec_floor(tmp_path):
     report = run_benchmark("hidit_stages.py", tmp_path / "hidit.json", "--stage1-steps", "4", "--extra-steps", "4",
                            "--batch-size", "8")
