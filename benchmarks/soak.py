@@ -11,10 +11,13 @@ Ray worker process and of the processes those start (the trainer's loader), by p
 and the job's progress (encode: samples in the units the progress records call finished; train: the
 step of the job's last report line).
 
-Verdict per job: every process that lived through the run, its RSS at the end of the warm-up (the
-first `--warmup` of the run) against its maximum after it (goal: < 10% growth), and the throughput
-in each fifth of the run after the warm-up (goal: no decay). Writes `soak.json` and one PNG per job
-(memory and throughput against time) to `--plots`.
+Verdict per job: every process that lived through the run, its private memory (RssAnon: the heap, what a leak
+grows) at the end of its warm-up (the first `--warmup` of its life) against its maximum after it (goal: < 10%
+growth), and the throughput in each fifth of the run after the warm-up (goal: no decay). The RSS is reported
+beside it but not judged: it also counts the pages of Ray's shared-memory object store a worker has mapped (every
+block it read or wrote), which grow towards the store's size as the worker touches more of it and belong to the
+store, and the pages of shared libraries as their code is first run. Writes `soak.json`, one PNG per job
+(memory and throughput against time) and the jobs' logs to `--plots`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,17 +51,16 @@ BUCKET = "soak"
 ENCODE_CONFIG = "configs/demo/encode.yaml"
 TRAIN_CONFIG = "configs/demo/train.yaml"
 STEP_LINE = re.compile(r"step (\d+): loss=")
-MIB = 1 << 20
 SHELLS = {"sh", "bash", "sleep"}  # the job's `sh -c <entrypoint>` wrappers and their sleeps: nothing there grows
-GENERIC_TITLES = {"ray::IDLE", "default_worker.py"}  # a Ray worker before it runs an actor or task
+GENERIC_TITLES = {"ray::IDLE", "default_worker.py"}  # a Ray worker between actors and tasks
 
 
 @dataclass
 class Trace:
-    """What the sampler saw: (seconds since start, progress) and per-process (seconds, RSS MiB)."""
+    """What the sampler saw: (seconds since start, progress) and per-process (seconds, RSS MiB, private MiB)."""
 
     progress: list[tuple[float, float]] = field(default_factory=list)
-    memory: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    memory: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
 
 
 def ray_processes(temp_dir: Path) -> dict[int, psutil.Process]:
@@ -86,21 +89,31 @@ def process_title(process: psutil.Process) -> str:
     return scripts[0] if scripts else Path(command[0]).name if command else process.name()
 
 
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(RSS, private anonymous memory) of a process in MiB, from /proc/<pid>/status (Linux)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon"):
+            fields[name] = int(value.split()[0]) / 1024  # kB
+    return fields["VmRSS"], fields["RssAnon"]
+
+
 def sample_while(job: subprocess.Popen, temp_dir: Path, progress: Callable[[], float], every: float) -> Trace:
     """Sample until the job's process exits."""
     trace, started = Trace(), time.monotonic()
     titles: dict[int, str] = {}
-    memory: dict[int, list[tuple[float, float]]] = {}
+    memory: dict[int, list[tuple[float, float, float]]] = {}
     while job.poll() is None:
         now = time.monotonic() - started
         for pid, process in ray_processes(temp_dir).items():
             try:
-                title, rss = process_title(process), process.memory_info().rss / MIB
-            except psutil.Error:
+                title, (rss, private) = process_title(process), memory_mib(pid)
+            except (psutil.Error, OSError, KeyError):
                 continue  # it exited between listing and reading
-            if pid not in titles or titles[pid] in GENERIC_TITLES:  # a worker takes its actor's title once it has one
+            if pid not in titles or title not in GENERIC_TITLES:  # a worker takes its actor's title once it has one
                 titles[pid] = title
-            memory.setdefault(pid, []).append((now, rss))
+            memory.setdefault(pid, []).append((now, rss, private))
         try:
             trace.progress.append((now, progress()))
         except Exception as error:  # noqa: BLE001 - a progress read failing mid-run is reported, not fatal
@@ -118,8 +131,12 @@ def submit(head, env: dict[str, str], script: str, config: str, overrides: dict[
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
 
-def finish(job: subprocess.Popen, log: Path, name: str) -> None:
-    if job.wait() != 0:
+def finish(job: subprocess.Popen, log: Path, name: str, keep_in: Path) -> None:
+    """Wait for the job; its log (the train job's per-report steps/s and data wait) is kept beside the plots."""
+    keep_in.mkdir(parents=True, exist_ok=True)
+    job.wait()
+    shutil.copy(log, keep_in / log.name)
+    if job.returncode != 0:
         raise RuntimeError(f"the {name} job failed (exit {job.returncode}):\n{log.read_text()[-3000:]}")
 
 
@@ -147,7 +164,8 @@ def last_step(log: Path) -> Callable[[], float]:
 
 
 def verdict(trace: Trace, warmup: float) -> dict:
-    """Memory growth after its warm-up per long-lived process, and the job's rate in each fifth after the warm-up.
+    """Private-memory growth after its warm-up per long-lived process (RSS beside it), and the job's rate in each
+    fifth after the warm-up.
 
     A process's warm-up is the first `warmup` of its own life (the encoders' actors start well after the job), and
     a process counts when it lived through at least half of the run.
@@ -158,9 +176,12 @@ def verdict(trace: Trace, warmup: float) -> dict:
         born, died = series[0][0], series[-1][0]
         if died - born < 0.5 * end:
             continue
-        after = [rss for t, rss in series if t >= born + warmup * (died - born)]
-        processes[name] = {"rss_at_warmup_mib": round(after[0], 1), "max_after_mib": round(max(after), 1),
-                           "growth": round(max(after) / after[0] - 1, 4)}  # fmt: skip
+        after = np.array([(rss, private) for t, rss, private in series if t >= born + warmup * (died - born)])
+        rss, private = after[:, 0], after[:, 1]
+        processes[name] = {"private_at_warmup_mib": round(private[0], 1), "max_private_after_mib": round(private.max(), 1),
+                           "growth": round(private.max() / private[0] - 1, 4),
+                           "rss_at_warmup_mib": round(rss[0], 1), "max_rss_after_mib": round(rss.max(), 1),
+                           "rss_growth": round(rss.max() / rss[0] - 1, 4)}  # fmt: skip
     times = np.array([t for t, _ in trace.progress])
     done = np.array([value for _, value in trace.progress])
     edges = np.linspace(warmup * end, end, 6)
@@ -182,9 +203,11 @@ def plot(trace: Trace, result: dict, title: str, unit: str, path: Path) -> None:
     figure, (memory, rate) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for name in result["processes"]:
         series = np.array(trace.memory[name])
-        memory.plot(series[:, 0], series[:, 1], label=name.split(" [")[0][:40])
-    memory.set_ylabel("RSS (MiB)")
-    memory.set_title(f"{title}: memory of each Ray process (max growth after warm-up {result['max_growth']:.1%})")
+        line, = memory.plot(series[:, 0], series[:, 2], label=name.split(" [")[0][:40])
+        memory.plot(series[:, 0], series[:, 1], color=line.get_color(), linestyle=":", linewidth=0.8)
+    memory.set_ylabel("private (solid) and RSS (dotted), MiB")
+    memory.set_title(f"{title}: memory of each Ray process (max private growth after warm-up "
+                     f"{result['max_growth']:.1%})", fontsize=10)
     memory.legend(fontsize=7, loc="upper left")
     progress = np.array(trace.progress)
     if len(progress) > 2:
@@ -193,7 +216,8 @@ def plot(trace: Trace, result: dict, title: str, unit: str, path: Path) -> None:
         rate.plot(progress[window:, 0], rates)
     rate.set_ylabel(unit)
     rate.set_xlabel("seconds since submission")
-    rate.set_title(f"{title}: throughput (rate per fifth after warm-up: {result['rate_per_fifth']})")
+    fifths = ", ".join(f"{value:.3g}" for value in result["rate_per_fifth"])
+    rate.set_title(f"{title}: throughput (per fifth after warm-up: {fifths})", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
@@ -203,9 +227,10 @@ def plot(trace: Trace, result: dict, title: str, unit: str, path: Path) -> None:
 def report(name: str, result: dict, unit: str) -> None:
     print(f"{name}: {result['seconds']:.0f} s; {unit} per fifth after warm-up: {result['rate_per_fifth']}")
     for process, row in sorted(result["processes"].items()):
-        print(f"  {process:60s} {row['rss_at_warmup_mib']:8.1f} -> max {row['max_after_mib']:8.1f} MiB "
-              f"({row['growth']:+.1%})")  # fmt: skip
-    print(f"  max growth after warm-up: {result['max_growth']:.1%} (goal < 10%)", flush=True)
+        print(f"  {process:60s} private {row['private_at_warmup_mib']:7.1f} -> max {row['max_private_after_mib']:7.1f}"
+              f" MiB ({row['growth']:+6.1%}); RSS {row['rss_at_warmup_mib']:7.1f} -> max "
+              f"{row['max_rss_after_mib']:7.1f} MiB ({row['rss_growth']:+6.1%})")  # fmt: skip
+    print(f"  max private-memory growth after warm-up: {result['max_growth']:.1%} (goal < 10%)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 "source.root": scratch / "digits", "source.files_per_unit": args.files_per_unit, "output.uri": cache,
             }, log)  # fmt: skip
             trace = sample_while(job, head.temp_dir, encoded_samples(cache), args.sample_every)
-            finish(job, log, "encode")
+            finish(job, log, "encode", args.plots)
             results["encode"] = verdict(trace, args.warmup)
             report(f"encode ({args.images} images)", results["encode"], "images/s")
             plot(trace, results["encode"], f"encode soak, {args.images:,} digits", "images/s",
@@ -249,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "checkpoint.every_steps": args.checkpoint_every, "validation.every_steps": args.checkpoint_every,
             }, log)  # fmt: skip
             trace = sample_while(job, head.temp_dir, last_step(log), args.sample_every)
-            finish(job, log, "train")
+            finish(job, log, "train", args.plots)
             results["train"] = verdict(trace, args.warmup)
             report(f"train ({args.steps} steps)", results["train"], "steps/s")
             plot(trace, results["train"], f"train soak, {args.steps:,} steps", "steps/s", args.plots / "soak_train.png")
