@@ -10,8 +10,8 @@ On the digits that ship with scikit-learn as class folders at 64 px, encoded wit
 2. from its checkpoint, two runs of `--extra-steps` more: stage 2 as its recipe is written
    (configs/train/hidit-stage2-tiny-cpu.yaml: the pixel branch on) and stage 1's recipe continued.
 Each is scored on every held-out digit at noise levels below the pixel gate, where stage 2's pixel stream is
-active: both streams noised to t with fixed noise, the model's clean estimate `noisy - t * velocity` taken in pixels
-(stage 2: from its pixel stream; stage 1: the codec's decoding of its latent estimate) and compared with the
+active: both streams noised to t with fixed noise, the model's clean image (stage 1: the codec's decoding of its
+latent estimate `noisy - t * velocity`; stage 2: that plus its pixel stream's residual) compared with the
 held-out image (MSE in [-1, 1], PSNR). The codec's own error (decoding the clean latent) is printed beside them:
 the floor of every estimate that goes through the latent.
 """
@@ -57,6 +57,7 @@ def pixel_errors(export_uri: str, held_out: str, *, pixel_stream: bool, t_grid=T
     from services.cache.reader import collate, read_samples
     from trainer.data import index_shards
     from trainer.generation import load_export
+    from trainer.models.hybrid_dit import decoded_latent_estimate
     from trainer.step import pixels_to_unit_range
 
     pipeline = load_export(export_uri, "cpu")
@@ -74,9 +75,10 @@ def pixel_errors(export_uri: str, held_out: str, *, pixel_stream: bool, t_grid=T
             times = torch.full((len(x0),), t)
             x_t, pixels_t = (1 - t) * x0 + t * noise, (1 - t) * pixels + t * pixel_noise
             if pixel_stream:
-                estimate = pixels_t - t * model(x_t, times, text, mask, pixels=pixels_t).pixel_velocity
+                out = model(x_t, times, text, mask, pixels=pixels_t)
+                estimate = decoded_latent_estimate(x_t, times, out.velocity, pipeline.codec.decode) + out.pixel_residual
             else:
-                estimate = pipeline.codec.decode(x_t - t * model(x_t, times, text, mask)) * 2 - 1
+                estimate = decoded_latent_estimate(x_t, times, model(x_t, times, text, mask), pipeline.codec.decode)
             sums[str(t)] += _squared_error(estimate, pixels)
     return {key: total / len(samples) for key, total in sums.items()}
 

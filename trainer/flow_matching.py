@@ -120,6 +120,23 @@ def velocity_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
+# JiT's floor on t in an x-prediction's implied velocity `(x_t - x̂0) / t`: without it the loss weight 1/t² is unbounded
+# near the data end, where the estimate is easiest.
+CLEAN_PREDICTION_MIN_T = 0.05
+
+
+def velocity_of_clean_estimate(x_t: torch.Tensor, clean: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The velocity a clean-data estimate x̂0 implies on the straight path through x_t: `(x_t - x̂0) / t`, t > 0."""
+    return (x_t - clean) / t.view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+
+
+def clean_prediction_mse(clean: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                         min_t: float = CLEAN_PREDICTION_MIN_T) -> torch.Tensor:
+    """Per-sample velocity MSE (B,) of an x-prediction: `|x̂0 - x0|² / max(t, min_t)²`, since the implied
+    velocity misses `ε - x0` by exactly `(x0 - x̂0) / t`."""
+    return velocity_mse(clean, x0) / t.float().clamp(min=min_t).pow(2)
+
+
 def weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """`Σ w·l / Σ w` (e.g. by aesthetic score, or 0 for a placeholder); the plain mean without weights."""
     if weights is None:

@@ -13,7 +13,7 @@ import io
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,8 @@ from torch import nn
 
 from services import storage
 from services.cache.reader import pad_text
-from trainer.flow_matching import resolution_shift
+from trainer.flow_matching import resolution_shift, velocity_of_clean_estimate
+from trainer.models.hybrid_dit import decoded_latent_estimate
 from trainer.samplers import (
     SamplerSettings,
     classifier_free_guidance,
@@ -56,18 +57,26 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def build_decoding_codec(codec: dict[str, Any], device: torch.device, where: str) -> Any:
+    """The codec of a description (`describe()`), which must decode; `where` names who needs it in the error."""
+    from services.encoders import CodecError, build_codec
+
+    built = build_codec(**{**codec, "device": device})
+    if not built.spec.has_decoder:
+        raise CodecError(f"{where} was trained on codec {built.spec.name!r}, which has no decoder; "
+                         f"{built.decoder_alternative or 'retrain or export with a codec that decodes'}")
+    return built
+
+
 def build_text_to_image(model: nn.Module, codec: dict[str, Any], text_encoder: dict[str, Any],
                         device: torch.device, where: str) -> TextToImage:
     """Rebuild the codec and text encoder from their descriptions (`describe()`) and check them against `model`.
 
     `where` names the model's origin in errors (an export URI, "the training run").
     """
-    from services.encoders import CodecError, build_codec, build_text_encoder
+    from services.encoders import build_text_encoder
 
-    built_codec = build_codec(**{**codec, "device": device})
-    if not built_codec.spec.has_decoder:
-        raise CodecError(f"{where} was trained on codec {built_codec.spec.name!r}, which has no decoder; "
-                         f"{built_codec.decoder_alternative or 'retrain or export with a codec that decodes'}")
+    built_codec = build_decoding_codec(codec, device, where)
     encoder = build_text_encoder(**{**text_encoder, "device": device})
     if encoder.spec.dim != model.config.text_dim:
         raise ValueError(f"text encoder {encoder.spec.name!r} gives {encoder.spec.dim}-d tokens, the model of "
@@ -97,11 +106,15 @@ def image_size(pipeline: TextToImage, size: tuple[int, int] | None) -> tuple[int
     return height, width
 
 
-def streams_velocity(model: nn.Module, text: torch.Tensor, text_mask: torch.Tensor):
-    """Hi-DiT: `((x, pixels), t) -> (latent velocity, pixel velocity)` for one batch of captions."""
+def streams_velocity(model: nn.Module, text: torch.Tensor, text_mask: torch.Tensor,
+                     decode: Callable[[torch.Tensor], torch.Tensor]):
+    """Hi-DiT: `((x, pixels), t) -> (latent velocity, pixel velocity)` for one batch of captions; the pixel velocity
+    is the one its clean image (the decoded latent estimate plus the pixel stream's residual) implies."""
     def velocity(state: tuple[torch.Tensor, torch.Tensor], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(state[0], t, text, text_mask, pixels=state[1])
-        return out.velocity, out.pixel_velocity
+        x, pixels = state
+        out = model(x, t, text, text_mask, pixels=pixels)
+        clean = decoded_latent_estimate(x, t, out.velocity, decode).to(pixels.dtype) + out.pixel_residual
+        return out.velocity, velocity_of_clean_estimate(pixels, clean, t)
 
     return velocity
 
@@ -122,6 +135,7 @@ def generate_images(pipeline: TextToImage, prompts: Sequence[str], settings: Sam
                          f" is the codec's downscale ({downscale}); this model has pixel_stream="
                          f"{model.config.pixel_stream}: sample without pixel_stream")
     null_text, null_mask = pipeline.encode_prompts([""])
+    decode = pipeline.codec.decode
     # bf16 autocast on CUDA; the CPU path stays fp32 (bf16 matmuls are far slower there)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     images = []
@@ -136,15 +150,16 @@ def generate_images(pipeline: TextToImage, prompts: Sequence[str], settings: Sam
         with autocast:
             if settings.pixel_stream:
                 streams = classifier_free_guidance(
-                    streams_velocity(model, text, mask),
-                    streams_velocity(model, null_text.expand(len(batch), -1, -1), null_mask.expand(len(batch), -1)),
+                    streams_velocity(model, text, mask, decode),
+                    streams_velocity(model, null_text.expand(len(batch), -1, -1), null_mask.expand(len(batch), -1),
+                                     decode),
                     settings.cfg, (settings.guidance_low, settings.guidance_high))
-                pixels = sample_with_pixel_stream(velocity, streams, lambda z: pipeline.codec.decode(z.float()),
+                pixels = sample_with_pixel_stream(velocity, streams, lambda z: decode(z.float()),
                                                   (len(batch), *shape), gate_t=model.config.pixel_gate_t, **options)
                 images.append(((pixels.float() + 1) / 2).clamp(0, 1).cpu())
             else:
                 latents = sample(velocity, (len(batch), *shape), **options)
-                images.append(pipeline.codec.decode(latents.float()).float().cpu())
+                images.append(decode(latents.float()).float().cpu())
         logger.info("generated %d/%d images", start + len(batch), len(prompts))
     return torch.cat(images)
 

@@ -21,6 +21,7 @@ from trainer.config import TrainJobConfig
 from trainer.data import DataPosition, TrainingStream
 from trainer.ema import EMA
 from trainer.export import save_exported_model
+from trainer.generation import build_decoding_codec
 from trainer.inputs import ResolvedCache, build_job_model, load_teacher, total_steps
 from trainer.models.hybrid_dit import DiTBlock
 from trainer.optim import build_optimizer
@@ -94,7 +95,9 @@ class TrainingRun:
         if feature_encoder is not None and feature_encoder.dim != model.config.repa_dim:
             raise ValueError(f"repa.encoder {config.repa.encoder} gives {feature_encoder.dim}-d features; the model's "
                              f"REPA projector gives repa_dim={model.config.repa_dim}: set model.overrides.repa_dim")
-        self.objective = Objective(config, null_text, teacher, model.config, feature_encoder)
+        decode = (build_decoding_codec(self.cache.codec, device, "Hi-DiT's pixel branch").decode
+                  if config.pixel_branch else None)
+        self.objective = Objective(config, null_text, teacher, model.config, feature_encoder, decode)
         self.generator = torch.Generator(device).manual_seed(config.seed * 100_003 + self.context.rank)
         self.progress = state.Progress()
         self._skips_reported: Counter[str] = Counter()

@@ -3,6 +3,7 @@ EMA."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +13,16 @@ from torch import nn
 
 from trainer.config import Precision, TrainJobConfig
 from trainer.ema import EMA
-from trainer.flow_matching import NoisedBatch, noise_at, noise_batch, velocity_mse, weighted_mean
+from trainer.flow_matching import (
+    NoisedBatch,
+    clean_prediction_mse,
+    noise_at,
+    noise_batch,
+    velocity_mse,
+    weighted_mean,
+)
 from trainer.models import DiTConfig
+from trainer.models.hybrid_dit import DiTOutputs, decoded_latent_estimate
 from trainer.precision import autocast
 
 
@@ -65,11 +74,21 @@ def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def pixel_flow_matching_term(pixel_prediction: torch.Tensor, pixel_target: torch.Tensor, gated: torch.Tensor,
+def pixel_flow_matching_term(pixel_clean: torch.Tensor, pixels: torch.Tensor, t: torch.Tensor, gated: torch.Tensor,
                              weights: torch.Tensor) -> torch.Tensor:
-    """Hi-DiT's pixel loss: the weighted MSE of the sub-pixel head's pixel velocity, on the samples whose pixel
-    tokens were injected (`gated`, t below the threshold) only."""
-    return weighted_mean(velocity_mse(pixel_prediction, pixel_target), weights * gated.to(weights.dtype))
+    """Hi-DiT's pixel loss: the weighted MSE of the pixel velocity that the clean-image estimate implies, on the
+    samples whose pixel tokens were injected (`gated`, t below the threshold) only."""
+    return weighted_mean(clean_prediction_mse(pixel_clean, pixels, t), weights * gated.to(weights.dtype))
+
+
+def pixel_clean_estimate(out: DiTOutputs, x_t: torch.Tensor, t: torch.Tensor, gated: torch.Tensor,
+                         decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Hi-DiT's clean image (B, 3, H, W): the decoded latent estimate plus the residual, decoding only the `gated`
+    rows (the others carry no pixel loss: their residual alone keeps every rank's graph the same)."""
+    decoded = torch.zeros_like(out.pixel_residual)
+    if gated.any():
+        decoded[gated] = decoded_latent_estimate(x_t[gated], t[gated], out.velocity[gated], decode).to(decoded.dtype)
+    return decoded + out.pixel_residual
 
 
 def repa_term(projected: torch.Tensor, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -90,6 +109,7 @@ class Objective:
     teacher: nn.Module | None = None
     model_config: DiTConfig | None = None  # the patch size (resolution-aware shift), the pixel stream's factor and gate
     feature_encoder: nn.Module | None = None  # REPA's frozen image encoder
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # Hi-DiT's stage 2: the cache's codec, latents -> [0, 1]
 
     def loss(self, network: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         weights = batch["weights"]
@@ -102,15 +122,15 @@ class Objective:
             return self._latent_loss(prediction, noised, weights)
         # Hi-DiT: both streams at the same t, the pixels noised with their own ε; REPA reads the clean pixels
         pixels = self._pixels(batch)
-        pixel_t = pixel_target = None
+        pixel_t = None
         if pixel_branch is not None:
-            pixel_t, pixel_target = noise_at(pixels, noised.t, generator)
+            pixel_t, _ = noise_at(pixels, noised.t, generator)
         out = network(noised.x_t, noised.t, noised.text, noised.text_mask, pixels=pixel_t, repa=repa is not None)
         loss = self._latent_loss(out.velocity, noised, weights)
         if pixel_branch is not None:
             gated = noised.t < self.model_config.pixel_gate_t
-            loss = loss + pixel_branch.weight * pixel_flow_matching_term(out.pixel_velocity, pixel_target, gated,
-                                                                        weights)
+            clean = pixel_clean_estimate(out, noised.x_t, noised.t, gated, self.decode)
+            loss = loss + pixel_branch.weight * pixel_flow_matching_term(clean, pixels, noised.t, gated, weights)
         if repa is not None:
             features = self.feature_encoder((pixels + 1) / 2, out.grid)
             loss = loss + repa.weight * repa_term(out.repa_tokens, features, weights)

@@ -1,8 +1,9 @@
 """The comparisons of the seed recipes that build on a trained model, run as their benchmarks on the shipped digits.
 
-LiT's conversion (benchmarks/lit_conversion.py) pays, by a margin noise cannot make. Hi-DiT's stage 2
-(benchmarks/hidit_stages.py) does not pay on these digits yet (README, "Does stage 2 pay?"), so its test checks
-only that the comparison measures what it says, at a tiny size."""
+Both pay, by margins noise cannot make: LiT's conversion (benchmarks/lit_conversion.py) reaches its teacher's
+loss in fewer steps than training from scratch, and Hi-DiT's stage 2 (benchmarks/hidit_stages.py) lowers the
+held-out pixel error below stage 1 continued for the same steps (README, "Does the conversion pay?", "Does stage 2
+pay?")."""
 
 from __future__ import annotations
 
@@ -36,13 +37,12 @@ def test_a_converted_lit_student_reaches_its_teacher_in_fewer_steps_than_one_tra
     assert all(converted["val_loss"][step] < loss for step, loss in scratch["val_loss"].items())
 
 
-def test_the_hidit_comparison_scores_every_run_at_every_noise_level_against_the_codec_floor(tmp_path):
-    report = run_benchmark("hidit_stages.py", tmp_path / "hidit.json", "--stage1-steps", "4", "--extra-steps", "4",
-                           "--batch-size", "8")
+def test_hidits_stage_two_lowers_the_pixel_error_below_stage_one_continued_and_below_the_codec(tmp_path):
+    report = run_benchmark("hidit_stages.py", tmp_path / "hidit.json")
     errors = report["pixel_mse"]
-    assert set(errors) == {"stage 1", "stage 1 continued", "stage 2"}
-    for name, by_t in errors.items():
-        assert set(by_t) == {*map(str, report["t_grid"]), "codec"}, name
-        assert all(by_t[str(t)] > 0 for t in report["t_grid"]), name
-    # decoding the clean latent is the floor of every estimate that goes through the latent
-    assert 0 < report["codec_mse"] <= errors["stage 1"]["0.2"]
+    continued, stage2 = errors["stage 1 continued"], errors["stage 2"]
+    for t in map(str, report["t_grid"]):
+        # stage 1's 500 extra steps move its error by < 1%; stage 2's were 10-37% lower when this was written
+        assert stage2[t] < 0.95 * continued[t], (t, stage2[t], continued[t])
+    # near the data end the pixel stream recovers detail that even the codec's decoding of the clean latent lacks
+    assert stage2[str(min(report["t_grid"]))] < 0.9 * report["codec_mse"]

@@ -2,11 +2,16 @@ import pytest
 import torch
 
 from trainer.flow_matching import (
+    CLEAN_PREDICTION_MIN_T,
     TimestepSampling,
     apply_cfg_dropout,
+    clean_prediction_mse,
     flow_matching_loss,
+    noise_at,
     sample_timesteps,
     shift_timesteps,
+    velocity_mse,
+    velocity_of_clean_estimate,
 )
 
 
@@ -32,6 +37,27 @@ def test_predicting_zero_costs_the_mean_squared_velocity():
     sample_timesteps(3, TimestepSampling(), generator=replay)
     noise = torch.randn(x0.shape, generator=replay)
     torch.testing.assert_close(per_sample, (noise - x0).pow(2).flatten(1).mean(1))
+
+
+def test_the_exact_clean_estimate_implies_the_exact_velocity():
+    x0 = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.01, 0.2, 0.9])
+    x_t, target = noise_at(x0, t, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(velocity_of_clean_estimate(x_t, x0, t), target)
+
+
+def test_an_x_predictions_loss_is_the_mse_of_its_implied_velocity_with_t_floored():
+    generator = torch.Generator().manual_seed(4)
+    x0, estimate = torch.randn(4, 3, 4, 4, generator=generator), torch.randn(4, 3, 4, 4, generator=generator)
+    t = torch.tensor([CLEAN_PREDICTION_MIN_T, 0.1, 0.3, 0.8])
+    x_t, target = noise_at(x0, t, generator)
+    torch.testing.assert_close(clean_prediction_mse(estimate, x0, t),
+                               velocity_mse(velocity_of_clean_estimate(x_t, estimate, t), target))
+    # below the floor the weight stays at 1 / min_t²: the error near the data end cannot dominate the loss
+    near_data = torch.full((4,), CLEAN_PREDICTION_MIN_T / 10)
+    torch.testing.assert_close(clean_prediction_mse(estimate, x0, near_data),
+                               velocity_mse(estimate, x0) / CLEAN_PREDICTION_MIN_T**2)
+    assert torch.count_nonzero(clean_prediction_mse(x0, x0, t)) == 0
 
 
 def test_per_sample_weights_give_the_weighted_mean():

@@ -7,6 +7,7 @@ import torch
 from model_helpers import random_inputs, randomize_weights
 
 from trainer.models import build_model, resolve_config
+from trainer.models.hybrid_dit import decoded_latent_estimate
 from trainer.models.layers import SubPixelHead
 
 
@@ -67,12 +68,28 @@ def test_sub_pixel_head_maps_tokens_to_the_image_grid(grid, patch, dim):
     assert delta.sum() == 0
 
 
-def test_model_returns_pixel_velocity_at_image_size_and_both_heads_start_at_zero():
+def test_model_returns_the_pixel_residual_at_image_size_and_both_heads_start_at_zero():
     model = build_model("HiDiT-tiny")
     x, t, text, mask, pixels = hidit_inputs(model.config, [0.1, 0.9])
-    velocity, pixel_velocity, _, _ = model(x, t, text, mask, pixels=pixels)
-    assert velocity.shape == x.shape and pixel_velocity.shape == pixels.shape
-    assert torch.count_nonzero(velocity) == 0 and torch.count_nonzero(pixel_velocity) == 0
+    velocity, pixel_residual, _, _ = model(x, t, text, mask, pixels=pixels)
+    assert velocity.shape == x.shape and pixel_residual.shape == pixels.shape
+    assert torch.count_nonzero(velocity) == 0 and torch.count_nonzero(pixel_residual) == 0
+
+
+def test_the_clean_image_decodes_the_latent_estimate_without_gradient():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    velocity = torch.randn(2, 4, 3, 3, requires_grad=True)
+    t = torch.tensor([0.1, 0.25])
+    seen = []
+
+    def decode(latents):
+        seen.append(latents)
+        return torch.sigmoid(latents[:, :3])
+
+    decoded = decoded_latent_estimate(x, t, velocity, decode)
+    torch.testing.assert_close(seen[0], x.detach() - t.view(-1, 1, 1, 1) * velocity.detach())
+    torch.testing.assert_close(decoded, torch.sigmoid(seen[0][:, :3]) * 2 - 1)
+    assert not decoded.requires_grad  # the frozen codec passes no gradient back into the latent stream
 
 
 def test_a_trained_latent_model_is_unchanged_when_its_fresh_pixel_branch_switches_on():

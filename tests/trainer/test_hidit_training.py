@@ -10,25 +10,28 @@ from trainer.config import TrainJobConfig
 from trainer.inputs import resolve_cache
 from trainer.loop import TrainingRun
 
+# Stage 2 decodes the latent estimate with the cache's codec: the real taef2 tree (seeded weights), f8 with 32 channels.
+TAEF2_LATENTS = dict(channels=32, codec={"name": "taef2", "tiny": True})
+
 
 @pytest.fixture(scope="module")
 def pixel_cache(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("cache") / "pixels")
-    write_tiny_cache(root, shard_sizes=[16, 16, 8], pixel_factor=8)
+    write_tiny_cache(root, shard_sizes=[16, 16, 8], pixel_factor=8, **TAEF2_LATENTS)
     return root
 
 
 @pytest.fixture(scope="module")
 def latent_cache(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("cache") / "latents")
-    write_tiny_cache(root, shard_sizes=[8])
+    write_tiny_cache(root, shard_sizes=[8], **TAEF2_LATENTS)
     return root
 
 
 def job(cache_uri, checkpoint_uri, **changes) -> TrainJobConfig:
     base = dict(data=dict(uris=[cache_uri], shuffle_window_shards=2, loader_process=False),
-                model=dict(preset="HiDiT-tiny"), batch_size=8, max_steps=6, report_every=2,
-                optimizer=dict(lr=2e-3, warmup_fraction=0.0), ema=dict(decay=0.9), cfg_dropout=0.0,
+                model=dict(preset="HiDiT-tiny", overrides=dict(latent_channels=32)), batch_size=8, max_steps=6,
+                report_every=2, optimizer=dict(lr=2e-3, warmup_fraction=0.0), ema=dict(decay=0.9), cfg_dropout=0.0,
                 checkpoint=dict(uri=checkpoint_uri, every_steps=3, keep_last=2))
     return TrainJobConfig.model_validate({**base, **changes})
 
@@ -89,8 +92,8 @@ def test_stage_two_on_a_cache_without_pixels_is_an_error_naming_the_encode_optio
 
 
 def test_stage_two_needs_a_model_with_a_pixel_stream(pixel_cache, tmp_path):
-    config = job(pixel_cache, str(tmp_path / "ckpt"), model=dict(preset="JointDiT-tiny"),
-                 pixel_branch=dict(weight=1.0))
+    config = job(pixel_cache, str(tmp_path / "ckpt"), pixel_branch=dict(weight=1.0),
+                 model=dict(preset="JointDiT-tiny", overrides=dict(latent_channels=32)))
     with pytest.raises(ValueError, match="no pixel stream"):
         TrainingRun(config, resolve_cache(config))
 
