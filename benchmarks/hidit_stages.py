@@ -56,8 +56,8 @@ def pixel_errors(export_uri: str, held_out: str, *, pixel_stream: bool, t_grid=T
     held-out sample, and the codec's own error under `CODEC_FLOOR`."""
     from services.cache.reader import collate, read_samples
     from trainer.data import index_shards
+    from trainer.flow_matching import decoded_latent_estimate
     from trainer.generation import load_export
-    from trainer.models.hybrid_dit import decoded_latent_estimate
     from trainer.step import pixels_to_unit_range
 
     pipeline = load_export(export_uri, "cpu")

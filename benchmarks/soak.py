@@ -52,6 +52,7 @@ ENCODE_CONFIG = "configs/demo/encode.yaml"
 TRAIN_CONFIG = "configs/demo/train.yaml"
 STEP_LINE = re.compile(r"step (\d+): loss=")
 SHELLS = {"sh", "bash", "sleep"}  # the job's `sh -c <entrypoint>` wrappers and their sleeps: nothing there grows
+MIB = 1 << 20
 GENERIC_TITLES = {"ray::IDLE", "default_worker.py"}  # a Ray worker between actors and tasks
 
 
@@ -89,14 +90,11 @@ def process_title(process: psutil.Process) -> str:
     return scripts[0] if scripts else Path(command[0]).name if command else process.name()
 
 
-def memory_mib(pid: int) -> tuple[float, float]:
-    """(RSS, private anonymous memory) of a process in MiB, from /proc/<pid>/status (Linux)."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "RssAnon"):
-            fields[name] = int(value.split()[0]) / 1024  # kB
-    return fields["VmRSS"], fields["RssAnon"]
+def memory_mib(process: psutil.Process) -> tuple[float, float]:
+    """(RSS, private anonymous memory) of a process in MiB: on Linux RSS minus its shared (file and shmem) pages is
+    exactly its RssAnon."""
+    memory = process.memory_info()
+    return memory.rss / MIB, (memory.rss - memory.shared) / MIB
 
 
 def sample_while(job: subprocess.Popen, temp_dir: Path, progress: Callable[[], float], every: float) -> Trace:
@@ -108,8 +106,8 @@ def sample_while(job: subprocess.Popen, temp_dir: Path, progress: Callable[[], f
         now = time.monotonic() - started
         for pid, process in ray_processes(temp_dir).items():
             try:
-                title, (rss, private) = process_title(process), memory_mib(pid)
-            except (psutil.Error, OSError, KeyError):
+                title, (rss, private) = process_title(process), memory_mib(process)
+            except psutil.Error:
                 continue  # it exited between listing and reading
             if pid not in titles or title not in GENERIC_TITLES:  # a worker takes its actor's title once it has one
                 titles[pid] = title

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -128,6 +129,15 @@ CLEAN_PREDICTION_MIN_T = 0.05
 def velocity_of_clean_estimate(x_t: torch.Tensor, clean: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The velocity a clean-data estimate x̂0 implies on the straight path through x_t: `(x_t - x̂0) / t`, t > 0."""
     return (x_t - clean) / t.view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+
+
+@torch.no_grad()  # the codec is frozen, and the latent stream learns from its own loss
+def decoded_latent_estimate(x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor,
+                            decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The codec's decoding (`decode`: latents -> [0, 1]) of the latent stream's clean estimate `x_t - t·v`, in
+    [-1, 1]. Hi-DiT's clean image is this plus the pixel stream's residual."""
+    latent_clean = x_t - t.view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype) * velocity
+    return decode(latent_clean.float()) * 2 - 1
 
 
 def clean_prediction_mse(clean: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,

@@ -23,8 +23,7 @@ from torch import nn
 
 from services import storage
 from services.cache.reader import pad_text
-from trainer.flow_matching import resolution_shift, velocity_of_clean_estimate
-from trainer.models.hybrid_dit import decoded_latent_estimate
+from trainer.flow_matching import decoded_latent_estimate, resolution_shift, velocity_of_clean_estimate
 from trainer.samplers import (
     SamplerSettings,
     classifier_free_guidance,

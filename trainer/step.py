@@ -16,13 +16,14 @@ from trainer.ema import EMA
 from trainer.flow_matching import (
     NoisedBatch,
     clean_prediction_mse,
+    decoded_latent_estimate,
     noise_at,
     noise_batch,
     velocity_mse,
     weighted_mean,
 )
 from trainer.models import DiTConfig
-from trainer.models.hybrid_dit import DiTOutputs, decoded_latent_estimate
+from trainer.models.hybrid_dit import DiTOutputs
 from trainer.precision import autocast
 
 

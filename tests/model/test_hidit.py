@@ -6,8 +6,8 @@ import pytest
 import torch
 from model_helpers import random_inputs, randomize_weights
 
+from trainer.flow_matching import decoded_latent_estimate
 from trainer.models import build_model, resolve_config
-from trainer.models.hybrid_dit import decoded_latent_estimate
 from trainer.models.layers import SubPixelHead
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -89,19 +88,10 @@ class DiTOutputs(NamedTuple):
     grid: Grid
 
 
-@torch.no_grad()  # the codec is frozen, and the latent stream learns from its own loss
-def decoded_latent_estimate(x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor,
-                            decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The codec's decoding (`decode`: latents -> [0, 1]) of the latent stream's clean estimate `x_t - t·v`, in
-    [-1, 1]. Hi-DiT's clean image is this plus the pixel stream's residual."""
-    latent_clean = x_t - t.view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype) * velocity
-    return decode(latent_clean.float()) * 2 - 1
-
-
 class PixelStream(nn.Module):
     """Hi-DiT's pixel branch: patchified noisy pixels added to the image tokens in the low-noise regime only, and
     the sub-pixel head that predicts, from the trunk's last features, the high-frequency part of the image: what the
-    codec's decoding of the latent stream's clean estimate misses (`decoded_latent_estimate`).
+    codec's decoding of the latent stream's clean estimate misses (`trainer.flow_matching.decoded_latent_estimate`).
 
     Why a residual: one token carries a whole (8·patch)² x 3 pixel patch, far more numbers than its width, so a head
     that predicts the whole image (or its velocity, mostly noise) is a low-rank bottleneck that cannot even match
