@@ -4,8 +4,8 @@
         --set checkpoint=s3://hybriddit/demo/checkpoints --set reference_uri=s3://hybriddit/demo/cache-heldout
 
 Reads N held-out samples of a latent cache (decoded with the cache's codec: the reference images) and
-generates one image per reference caption with `trainer/generate.py` (in this process, or split into
-Ray tasks for large N). FID/KID compare the two sets in a pluggable feature space (`trainer/evaluation/features.py`);
+generates `images_per_caption` images per reference caption (each from its own noise) with
+`trainer/generate.py` (in this process, or split into Ray tasks for large N). FID/KID compare the two sets in a pluggable feature space (`trainer/evaluation/features.py`);
 CLIP score needs local CLIP weights; with `features: digits` the digit classifier fitted on the
 reference also reports how often a generated image shows the digit its prompt asked for. The report
 is written as `eval.json` next to the checkpoint.
@@ -78,7 +78,9 @@ class EvalConfig(StrictModel):
     checkpoint: str = Field(description="an export dir (model_config.json), a step_NNNNNNN dir or a checkpoint "
                                         "root (its newest step whose export verifies); local path or s3://")
     reference_uri: str = Field(description="held-out latent cache root (manifest.json) never trained on")
-    num_samples: int = Field(500, ge=2, description="N reference samples and as many generated images")
+    num_samples: int = Field(500, ge=2, description="N reference samples, whose captions are the prompts")
+    images_per_caption: int = Field(1, ge=1, description="images generated per reference caption, each from its own "
+                                    "noise: more images per digit make a per-digit accuracy a finer measure")
     features: Literal["digits", "inception"] = "inception"
     feature_options: dict[str, Any] = Field(default_factory=dict)
     kid_subset_size: int = Field(100, ge=2, description="KID subset size (capped at N)")
@@ -231,7 +233,8 @@ def write_sweep(config: EvalConfig, rows: list[dict[str, Any]], export_uri: str,
 
     uris = {"table": sibling(report_uri, SWEEP_FILE), "plot": sibling(report_uri, SWEEP_PLOT)}
     storage.write_json(uris["table"], {"export": export_uri, "reference_uri": config.reference_uri,
-                                       "num_samples": config.num_samples, "features": config.features,
+                                       "num_samples": config.num_samples,
+                                       "images_per_caption": config.images_per_caption, "features": config.features,
                                        "seed": config.generation.seed, "rows": rows})
     space = "digit classifier" if config.features == "digits" else config.features
     panels = [("fid", f"FID ({space} features, lower is better)")]
@@ -242,7 +245,7 @@ def write_sweep(config: EvalConfig, rows: list[dict[str, Any]], export_uri: str,
     chosen = config.generation
     storage.write_bytes(uris["plot"], sweep_figure(
         rows, panels, chosen={"sampler": chosen.sampler, "steps": chosen.steps, "cfg": chosen.cfg},
-        title=f"{config.num_samples} prompts per setting, the same seeds for each"))
+        title=f"{config.num_samples * config.images_per_caption} images per setting, the same seeds for each"))
     return uris
 
 
@@ -255,10 +258,11 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     export_uri, report_dir = resolve_export(config.checkpoint)  # the newest step that verifies, as resume takes
-    reference, prompts = read_reference(config.reference_uri, config.num_samples)
+    reference, captions = read_reference(config.reference_uri, config.num_samples)
     height, width = reference.shape[2:]
-    features = build_features(config.features, reference, prompts, **config.feature_options)
+    features = build_features(config.features, reference, captions, **config.feature_options)
     reference_features = batched(features, reference)
+    prompts = captions * config.images_per_caption
     digits = reference_digits(prompts) if isinstance(features, DigitFeatures) else None
     rows = []
     for settings in sweep_settings(config):
@@ -273,13 +277,14 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     metrics = dict(rows[0]["metrics"])  # `generation`'s
     if digits is not None:
         metrics["images_per_digit"] = {str(d): int((digits == d).sum()) for d in sorted(set(digits.tolist()))}
-        metrics["digit_accuracy_reference"] = digit_accuracy(features.classifier, reference, digits)
+        metrics["digit_accuracy_reference"] = digit_accuracy(features.classifier, reference, reference_digits(captions))
     report_uri = config.report_uri or storage.join(report_dir, REPORT_FILE)
     report = {
         "checkpoint": config.checkpoint,
         "export": export_uri,
         "reference_uri": config.reference_uri,
         "num_samples": config.num_samples,
+        "generated_images": len(prompts),
         "features": config.features,
         "image_size": [int(width), int(height)],
         "metrics": metrics,

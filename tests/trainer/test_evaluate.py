@@ -162,6 +162,23 @@ def test_evaluate_writes_fid_kid_and_digit_accuracy_next_to_the_checkpoint(tmp_p
     assert metrics["clip_score"] is None
 
 
+def test_several_images_per_caption_repeat_the_captions_each_from_its_own_noise(tmp_path, digits, untrained_export):
+    reference = str(tmp_path / "heldout")
+    ink, asked = first_of_each_digit(digits, 2)
+    write_digit_cache(reference, ink, asked)
+    common = dict(checkpoint=untrained_export, reference_uri=reference, num_samples=20, features="digits",
+                  kid_subset_size=10, kid_subsets=5, feature_options={"epochs": 50},
+                  generation={"steps": 2, "batch_size": 20})
+    once = evaluate(EvalConfig(**common, report_uri=str(tmp_path / "once" / "eval.json")))
+    thrice = evaluate(EvalConfig(**common, images_per_caption=3, report_uri=str(tmp_path / "thrice" / "eval.json")))
+    assert once["generated_images"] == 20 and thrice["generated_images"] == 60
+    assert thrice["metrics"]["images_per_digit"] == {str(d): 3 * int((asked == d).sum()) for d in range(10)}
+    # the classifier's reading of the reference is over the 20 reference images, however many are generated
+    assert thrice["metrics"]["digit_accuracy_reference"] == once["metrics"]["digit_accuracy_reference"]
+    # each pass over the captions has its own noise: the 60 images are not three copies of 20
+    assert thrice["metrics"]["fid"] != once["metrics"]["fid"]
+
+
 def first_of_each_digit(digits, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` held-out digits of each class (the classifier needs every digit)."""
     keep = np.sort(np.concatenate([np.flatnonzero(digits.held_out_labels == d)[:count] for d in range(10)]))
