@@ -6,7 +6,7 @@ with configs/demo/train.yaml, and judged by the evaluation job on Ray: a classif
 real digits reads the generated images, which must show the digit their prompt names.
 
 - `test_generated_digits_are_read_as_the_prompted_digit` (marked slow and e2e, `make test-e2e`): the
-  demo recipe, all ten digits, three images per held-out caption (1,080, 78-144 per digit): at least 97%
+  demo recipe, all ten digits, five images per held-out caption (1,800, 130-240 per digit): at least 97%
   read as the prompted digit overall and at least 90% for every digit (chance is 10%), so that one
   digit drawn as another (the 9s that read as 3s) fails even when the average looks good.
 - `test_a_short_run_already_draws_zeros_and_ones` (default suite): two digits, 300 steps (a short EMA
