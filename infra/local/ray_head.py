@@ -18,7 +18,7 @@ from pathlib import Path
 
 from infra.local.credentials import make_private_dir, write_private_text
 from infra.local.processes import (
-    free_port,
+    free_ports,
     kill_session,
     read_pid,
     require_free_ports,
@@ -46,7 +46,7 @@ class RaySettings(StrictModel):
     def on_free_ports(cls, **sizes) -> RaySettings:
         """Settings whose every port is free now, e.g. for a head beside a running local stack."""
         ports = ("gcs_port", "dashboard_port", "client_port", "metrics_export_port", "dashboard_agent_port")
-        return cls(**{name: free_port() for name in ports}, **sizes)
+        return cls(**dict(zip(ports, free_ports(len(ports)), strict=True)), **sizes)
 
 
 def ray_executable() -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from infra.local.processes import free_port, read_pid, stop_pid
+from infra.local.processes import free_ports, read_pid, stop_pid
 from infra.local.ray_head import RayHead, node_process_env, ray_executable, start_ray_node
 from services.config import StrictModel
 
@@ -60,12 +60,8 @@ class RayWorkerNode:
             return
         if self.head.pid() is None:
             raise RuntimeError(f"cannot start Ray {self.label}: the Ray head is not running")
-        ports = {
-            "node_manager": free_port(),
-            "object_manager": free_port(),
-            "metrics_export": free_port(),
-            "dashboard_agent": free_port(),
-        }
+        ports = dict(zip(("node_manager", "object_manager", "metrics_export", "dashboard_agent"), free_ports(4),
+                         strict=True))
         self.ports_file.parent.mkdir(parents=True, exist_ok=True)
         self.ports_file.write_text(json.dumps(ports) + "\n")
         cmd = [

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from infra.local.netns import only_loopback
-from infra.local.processes import free_port, session_pids
+from infra.local.processes import free_ports, session_pids
 from infra.local.ray_head import RayHead, RaySettings
 from infra.local.seaweedfs import SeaweedInternalPorts, free_port_with_grpc_twin
 
@@ -31,12 +31,8 @@ def free_stack_overrides(state_dir: Path) -> list[str]:
     ports = {
         **{f"s3_internal_ports.{name}": port for name, port in internal.model_dump().items()},
         "s3_port": free_port_with_grpc_twin(avoid=internal.model_dump().values()),
-        "ray.gcs_port": free_port(),
-        "ray.dashboard_port": free_port(),
-        "ray.client_port": free_port(),
-        "ray.metrics_export_port": free_port(),
-        "ray.dashboard_agent_port": free_port(),
-        "prometheus.port": free_port(),
+        **dict(zip(("ray.gcs_port", "ray.dashboard_port", "ray.client_port", "ray.metrics_export_port",
+                    "ray.dashboard_agent_port", "prometheus.port"), free_ports(6), strict=True)),
     }
     settings = [f"state_dir={state_dir}", f"ray.object_store_memory_bytes={256 << 20}", "workers.num_cpus=1",
                 f"workers.object_store_memory_bytes={256 << 20}"]  # fmt: skip
