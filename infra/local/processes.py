@@ -24,25 +24,25 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports the OS reports free now (for servers started on ports of their own).
+def free_ports(*names: str) -> dict[str, int]:
+    """A distinct loopback port the OS reports free now for each name (servers started on ports of their own).
 
     The probes stay bound until all are picked: probing one port at a time can get the same port back twice
     (seen: a Ray node given one port as both its node manager and metrics port, refused at every restart).
     """
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    probes = {name: socket.socket(socket.AF_INET, socket.SOCK_STREAM) for name in names}
     try:
-        for probe in probes:
+        for probe in probes.values():
             probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
+        return {name: probe.getsockname()[1] for name, probe in probes.items()}
     finally:
-        for probe in probes:
+        for probe in probes.values():
             probe.close()
 
 
 def free_port() -> int:
     """A loopback port the OS reports free now; several ports for one server come from `free_ports`."""
-    return free_ports(1)[0]
+    return free_ports("port")["port"]
 
 
 def require_free_ports(owner: str, ports: dict[str, int]) -> None:

@@ -46,7 +46,7 @@ class RaySettings(StrictModel):
     def on_free_ports(cls, **sizes) -> RaySettings:
         """Settings whose every port is free now, e.g. for a head beside a running local stack."""
         ports = ("gcs_port", "dashboard_port", "client_port", "metrics_export_port", "dashboard_agent_port")
-        return cls(**dict(zip(ports, free_ports(len(ports)), strict=True)), **sizes)
+        return cls(**free_ports(*ports), **sizes)
 
 
 def ray_executable() -> Path:

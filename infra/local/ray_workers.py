@@ -60,8 +60,7 @@ class RayWorkerNode:
             return
         if self.head.pid() is None:
             raise RuntimeError(f"cannot start Ray {self.label}: the Ray head is not running")
-        ports = dict(zip(("node_manager", "object_manager", "metrics_export", "dashboard_agent"), free_ports(4),
-                         strict=True))
+        ports = free_ports("node_manager", "object_manager", "metrics_export", "dashboard_agent")
         self.ports_file.parent.mkdir(parents=True, exist_ok=True)
         self.ports_file.write_text(json.dumps(ports) + "\n")
         cmd = [

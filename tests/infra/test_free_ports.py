@@ -8,7 +8,7 @@ from infra.local.processes import free_ports
 
 
 def test_free_ports_are_distinct_and_bindable_all_at_once():
-    ports = free_ports(64)  # 64 sequential single probes can get the same port back; held probes cannot
+    ports = list(free_ports(*(f"server-{index}" for index in range(64))).values())  # held probes never repeat
     assert len(set(ports)) == len(ports) == 64
     listeners = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in ports]
     try:

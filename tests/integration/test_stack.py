@@ -31,8 +31,8 @@ def free_stack_overrides(state_dir: Path) -> list[str]:
     ports = {
         **{f"s3_internal_ports.{name}": port for name, port in internal.model_dump().items()},
         "s3_port": free_port_with_grpc_twin(avoid=internal.model_dump().values()),
-        **dict(zip(("ray.gcs_port", "ray.dashboard_port", "ray.client_port", "ray.metrics_export_port",
-                    "ray.dashboard_agent_port", "prometheus.port"), free_ports(6), strict=True)),
+        **free_ports("ray.gcs_port", "ray.dashboard_port", "ray.client_port", "ray.metrics_export_port",
+                     "ray.dashboard_agent_port", "prometheus.port"),
     }
     settings = [f"state_dir={state_dir}", f"ray.object_store_memory_bytes={256 << 20}", "workers.num_cpus=1",
                 f"workers.object_store_memory_bytes={256 << 20}"]  # fmt: skip
